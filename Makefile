@@ -1,0 +1,34 @@
+# Every target sets itself up on a fresh machine: it creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test bench bench-core clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# torch is pinned so that pip takes the CPU build; an unpinned torch pulls several GB of CUDA.
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0' || echo "torch not installed: its baselines will be skipped"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/rnnjax demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/suite.py
+
+bench-core: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/suite.py --lengths 10000 --batches 1 8 --out benchmarks/results/core
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

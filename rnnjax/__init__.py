@@ -1,0 +1,1 @@
+"""rnnjax: exact, fast recurrent networks with a bias-free ReLU cell, in JAX and Flax."""

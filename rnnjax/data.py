@@ -1,0 +1,83 @@
+"""Batches for the two seed tasks, drawn from a JAX key (jit them with static sizes)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnnjax.recurrence import length_mask
+
+__all__ = ["Batch", "l1_batch", "count_batch"]
+
+
+class Batch(NamedTuple):
+    """A padded batch of scalar sequences.
+
+    Attributes:
+      xs: ``(batch, time)`` float32 inputs, zero past each length.
+      lengths: ``(batch,)`` int32 lengths.
+      targets: ``(batch,)`` for sequence-level tasks, ``(batch, time)`` for per-step tasks.
+    """
+
+    xs: jax.Array
+    lengths: jax.Array
+    targets: jax.Array
+
+
+def _check_size(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; received {value!r}.")
+
+
+def l1_batch(key: jax.Array, batch_size: int, max_length: int) -> Batch:
+    """Draws standard-normal sequences of random lengths and their L1 norms.
+
+    Args:
+      key: a JAX random key.
+      batch_size: number of sequences.
+      max_length: the longest length; lengths are uniform in ``[1, max_length]``.
+
+    Returns:
+      A ``Batch``: ``xs`` ``(batch_size, max_length)`` zero-padded, ``lengths``
+      ``(batch_size,)``, ``targets`` ``(batch_size,)``, the sum of ``|x|`` over each sequence.
+
+    Example:
+      >>> import jax
+      >>> batch = l1_batch(jax.random.key(0), batch_size=8, max_length=10)
+      >>> batch.xs.shape, batch.lengths.shape, batch.targets.shape
+      ((8, 10), (8,), (8,))
+    """
+    _check_size("batch_size", batch_size)
+    _check_size("max_length", max_length)
+    length_key, value_key = jax.random.split(key)
+    lengths = jax.random.randint(length_key, (batch_size,), 1, max_length + 1, jnp.int32)
+    values = jax.random.normal(value_key, (batch_size, max_length), jnp.float32)
+    xs = jnp.where(length_mask(lengths, max_length), values, 0.0)
+    return Batch(xs, lengths, jnp.sum(jnp.abs(xs), axis=1))
+
+
+def count_batch(key: jax.Array, batch_size: int, length: int) -> Batch:
+    """Draws binary sequences (each bit 1 with probability 1/2) and their running counts.
+
+    Args:
+      key: a JAX random key.
+      batch_size: number of sequences.
+      length: the length of every sequence.
+
+    Returns:
+      A ``Batch``: ``xs`` ``(batch_size, length)`` of 0.0 and 1.0, ``lengths`` all ``length``,
+      ``targets`` ``(batch_size, length)``, the number of ones up to and including each step.
+
+    Example:
+      >>> import jax
+      >>> batch = count_batch(jax.random.key(0), batch_size=4, length=5)
+      >>> bool((batch.targets[:, -1] == batch.xs.sum(axis=1)).all())
+      True
+    """
+    _check_size("batch_size", batch_size)
+    _check_size("length", length)
+    xs = jax.random.bernoulli(key, 0.5, (batch_size, length)).astype(jnp.float32)
+    lengths = jnp.full((batch_size,), length, jnp.int32)
+    return Batch(xs, lengths, jnp.cumsum(xs, axis=1))
