@@ -1,1 +1,9 @@
 """rnnjax: exact, fast recurrent networks with a bias-free ReLU cell, in JAX and Flax."""
+
+from rnnjax import bptt, data, train
+from rnnjax.cell import ReLUCell
+from rnnjax.models import L1Norm, RunningCount
+from rnnjax.recurrence import rnn
+
+__all__ = ["ReLUCell", "rnn", "L1Norm", "RunningCount", "bptt", "data", "train"]
+__version__ = "0.1.0"

@@ -48,11 +48,9 @@ def _compose_affine_reversed(later, earlier):
 
 def _forward(w, inputs, mask, h0):
     m = mask[..., None]
-    maps = (
-        jnp.where(m, w, 1).astype(inputs.dtype),
-        jnp.where(m, inputs, 0),
-        jnp.where(m, 0, -jnp.inf).astype(inputs.dtype),
-        jnp.full_like(inputs, jnp.inf),
+    maps = tuple(
+        jnp.broadcast_to(jnp.asarray(value, inputs.dtype), inputs.shape)
+        for value in (jnp.where(m, w, 1), jnp.where(m, inputs, 0), jnp.where(m, 0, -jnp.inf), jnp.inf)
     )
     a, b, lo, hi = jax.lax.associative_scan(_compose, maps, axis=1)
     return jnp.clip(_scale(h0[:, None], a) + b, lo, hi)

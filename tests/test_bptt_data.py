@@ -1,0 +1,74 @@
+"""The hand-derived BPTT reference, and the batch generators."""
+
+import chex
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from rnnjax import bptt, rnn
+from rnnjax.cell import ReLUCell
+from rnnjax.data import count_batch, l1_batch
+
+
+def autodiff_loss(w_ih, w_hh, xs, targets, lengths):
+    """The same loss as bptt.loss, computed through rnnjax.rnn (an independent path)."""
+    params = {"params": {"W_ih": w_ih.reshape(1, 1), "W_hh": w_hh.reshape(1, 1)}}
+    _, states = rnn(ReLUCell(1), params, xs[..., None], lengths, method="sequential")
+    mask = jnp.arange(xs.shape[1])[None] < lengths[:, None]
+    return 0.5 * jnp.sum(jnp.where(mask, states[..., 0] - targets, 0) ** 2)
+
+
+hand = jax.jit(bptt.grad)
+auto = jax.jit(jax.grad(autodiff_loss, argnums=(0, 1)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), time=st.sampled_from([1, 2, 5, 12]))
+def test_hand_derived_bptt_equals_jax_grad(seed, time):
+    rng = np.random.default_rng(seed)
+    with jax.enable_x64(True):
+        xs = jnp.asarray(rng.normal(size=(6, time)))
+        targets = jnp.asarray(rng.normal(size=(6, time)) + 1)
+        lengths = jnp.asarray(rng.integers(0, time + 1, size=6))
+        w_ih, w_hh = (jnp.asarray(rng.uniform(-1.5, 1.5)) for _ in range(2))
+        expected = auto(w_ih, w_hh, xs, targets, lengths)
+        chex.assert_trees_all_close(hand(w_ih, w_hh, xs, targets, lengths), expected,
+                                    rtol=1e-6, atol=1e-12)
+
+
+def test_bptt_ignores_padding_even_nan():
+    xs = jnp.array([[1.0, 2.0, jnp.nan], [0.5, jnp.nan, jnp.nan]])
+    lengths = jnp.array([2, 1])
+    clean = bptt.grad(0.7, -0.3, jnp.nan_to_num(xs), jnp.ones((2, 3)), lengths)
+    chex.assert_trees_all_equal(bptt.grad(0.7, -0.3, xs, jnp.ones((2, 3)), lengths), clean)
+    chex.assert_tree_all_finite(clean)
+
+
+def test_l1_batch_is_padded_and_labelled():
+    batch = l1_batch(jax.random.key(0), 64, 10)
+    chex.assert_shape([batch.xs, batch.lengths, batch.targets], [(64, 10), (64,), (64,)])
+    xs, lengths = np.asarray(batch.xs), np.asarray(batch.lengths)
+    assert lengths.min() >= 1 and lengths.max() <= 10 and len(set(lengths)) > 5
+    for x, n, target in zip(xs, lengths, np.asarray(batch.targets)):
+        assert np.all(x[n:] == 0) and np.all(x[:n] != 0)
+        np.testing.assert_allclose(target, np.abs(x[:n].astype(np.float64)).sum(), rtol=1e-6)
+
+
+def test_count_batch_targets_are_running_counts():
+    batch = count_batch(jax.random.key(0), 16, 5)
+    xs = np.asarray(batch.xs)
+    assert set(np.unique(xs)) <= {0.0, 1.0}
+    chex.assert_trees_all_equal(batch.lengths, jnp.full((16,), 5, jnp.int32))
+    chex.assert_trees_all_equal(np.asarray(batch.targets), np.cumsum(xs, axis=1))
+
+
+@pytest.mark.parametrize("fn", [l1_batch, count_batch])
+@pytest.mark.parametrize("sizes, match", [((0, 5), "batch_size .* received 0"),
+                                          ((4, -1), "must be a positive integer; received -1"),
+                                          ((4, 2.5), "received 2.5")])
+def test_batches_reject_bad_sizes(fn, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        fn(jax.random.key(0), *sizes)

@@ -1,0 +1,177 @@
+"""rnnjax.rnn against a float64 NumPy loop, masking, both methods, and bad input."""
+
+import chex
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from reference import numpy_rnn
+
+from rnnjax import ReLUCell, rnn
+
+METHODS = ("sequential", "parallel")
+
+
+def draw_case(seed, batch, time, features, diagonal=False, initial=False):
+    """Random inputs, lengths (0 and full always among them), weights of both signs."""
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(size=(batch, time, 2)).astype(np.float32)
+    lengths = rng.integers(0, time + 1, size=batch)
+    lengths[0], lengths[-1] = 0, time
+    w_ih = rng.uniform(-1.2, 1.2, size=(2, features)).astype(np.float32)
+    shape = (features,) if diagonal else (features, features)
+    w_hh = rng.uniform(-1.2, 1.2, size=shape).astype(np.float32)
+    h0 = rng.uniform(0, 2, size=(batch, features)).astype(np.float32) if initial else None
+    params = {"params": {"W_ih": jnp.asarray(w_ih), "W_hh": jnp.asarray(w_hh)}}
+    return ReLUCell(features, diagonal=diagonal), params, xs, lengths, h0
+
+
+# jitted so that repeated shapes reuse compiled code and the tests stay fast
+_rnn = jax.jit(rnn, static_argnames=("cell", "method"))
+
+
+def run(cell, params, xs, lengths, h0, method):
+    h0 = None if h0 is None else jnp.asarray(h0)
+    lengths = None if lengths is None else jnp.asarray(lengths)
+    return _rnn(cell, params, jnp.asarray(xs), lengths, initial_state=h0, method=method)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(2, 5),
+    time=st.sampled_from([1, 2, 5, 17]),
+    features=st.integers(1, 4),
+    initial=st.booleans(),
+)
+def test_sequential_matches_numpy(seed, batch, time, features, initial):
+    cell, params, xs, lengths, h0 = draw_case(seed, batch, time, features, initial=initial)
+    final_state, states = run(cell, params, xs, lengths, h0, "sequential")
+    expected = numpy_rnn(params["params"]["W_ih"], params["params"]["W_hh"], xs, lengths, h0)
+    chex.assert_shape(final_state, (batch, features))
+    chex.assert_shape(states, (batch, time, features))
+    chex.assert_trees_all_close((final_state, states), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(2, 5),
+    time=st.sampled_from([1, 2, 3, 8, 40]),
+    features=st.integers(1, 3),
+    diagonal=st.booleans(),
+    initial=st.booleans(),
+)
+def test_parallel_matches_numpy_and_sequential(seed, batch, time, features, diagonal, initial):
+    features = features if diagonal else 1
+    cell, params, xs, lengths, h0 = draw_case(seed, batch, time, features, diagonal, initial)
+    parallel = run(cell, params, xs, lengths, h0, "parallel")
+    expected = numpy_rnn(params["params"]["W_ih"], params["params"]["W_hh"], xs, lengths, h0)
+    chex.assert_trees_all_close(parallel, expected, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(parallel, run(cell, params, xs, lengths, h0, "sequential"),
+                                rtol=1e-5, atol=1e-5)
+
+
+def loss(params, xs, h0, lengths, cell, method):
+    """A loss that touches every output: the final state and a nonlinear function of all states."""
+    final_state, states = rnn(cell, params, xs, lengths, initial_state=h0, method=method)
+    return jnp.sum(final_state**2) + jnp.sum(jnp.sin(states))
+
+
+grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnames=("cell", "method"))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), time=st.sampled_from([1, 2, 9, 30]), diagonal=st.booleans())
+def test_parallel_gradients_match_sequential(seed, time, diagonal):
+    cell, params, xs, lengths, h0 = draw_case(seed, 4, time, 3 if diagonal else 1, diagonal, True)
+    args = (params, jnp.asarray(xs), jnp.asarray(h0), jnp.asarray(lengths), cell)
+    chex.assert_trees_all_close(grads(*args, method="parallel"), grads(*args, method="sequential"),
+                                rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_states_are_zero_and_final_state_frozen_past_each_length(method):
+    cell, params, xs, lengths, _ = draw_case(0, 6, 12, 1)
+    final_state, states = run(cell, params, xs, lengths, None, method)
+    for b, length in enumerate(lengths):
+        assert np.all(np.asarray(states[b, length:]) == 0)
+        expected = states[b, length - 1] if length else jnp.zeros(1)
+        chex.assert_trees_all_equal(final_state[b], expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("padding", [np.nan, 1e30, -np.inf])
+def test_padding_changes_neither_results_nor_gradients(method, padding):
+    cell, params, xs, lengths, h0 = draw_case(1, 5, 9, 1, initial=True)
+    mask = np.arange(9)[None] < lengths[:, None]
+    padded = np.where(mask[..., None], xs, padding).astype(np.float32)
+    args = (jnp.asarray(h0), jnp.asarray(lengths), cell)
+    for fn in (lambda p, x: run(cell, p, x, lengths, h0, method),
+               lambda p, x: grads(p, x, *args, method=method)):
+        clean, dirty = fn(params, jnp.asarray(xs)), fn(params, jnp.asarray(padded))
+        chex.assert_tree_all_finite(dirty)
+        chex.assert_trees_all_equal(clean, dirty)
+
+
+def test_lengths_none_means_full_and_jit_needs_no_retrace():
+    cell, params, xs, _, _ = draw_case(2, 3, 7, 2)
+    full = jnp.full((3,), 7)
+    chex.assert_trees_all_equal(run(cell, params, xs, None, None, "sequential"),
+                                run(cell, params, xs, full, None, "sequential"))
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def forward(xs, lengths):
+        return rnn(cell, params, xs, lengths)
+
+    for seed in range(3):
+        _, _, xs, lengths, _ = draw_case(seed, 3, 7, 2)
+        chex.assert_trees_all_close(forward(xs, lengths),
+                                    run(cell, params, xs, lengths, None, "sequential"))
+
+
+def test_parallel_is_accurate_on_a_million_steps():
+    """Tree-order evaluation keeps float32 within 1e-6 of the float64 L1 norm at T = 1e6."""
+    xs = np.abs(np.random.default_rng(3).normal(size=(1, 10**6, 1))).astype(np.float32)
+    params = {"params": {"W_ih": jnp.ones((1, 1)), "W_hh": jnp.ones((1, 1))}}
+    final_state, _ = run(ReLUCell(1), params, xs, None, None, "parallel")
+    exact = xs.astype(np.float64).sum()
+    assert abs(float(final_state[0, 0]) - exact) / exact < 1e-6
+
+
+CELL = ReLUCell(1)
+PARAMS = {"params": {"W_ih": jnp.ones((1, 1)), "W_hh": jnp.ones((1, 1))}}
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"xs": jnp.ones((2, 3))}, ValueError, r"\(batch, time, features\); received shape \(2, 3\)"),
+        ({"xs": jnp.ones((2, 3, 1, 1))}, ValueError, r"received shape \(2, 3, 1, 1\)"),
+        ({"xs": jnp.ones((0, 3, 1))}, ValueError, r"at least one sequence .* \(0, 3, 1\)"),
+        ({"xs": jnp.ones((2, 0, 1))}, ValueError, r"one time step; received shape \(2, 0, 1\)"),
+        ({"xs": jnp.ones((2, 3, 1), jnp.int32)}, TypeError, r"floating-point .* received dtype int32"),
+        ({"lengths": jnp.array([1, 2, 3])}, ValueError, r"shape \(batch,\) = \(2,\) .* received shape \(3,\)"),
+        ({"lengths": jnp.array([[1, 2]])}, ValueError, r"received shape \(1, 2\)"),
+        ({"lengths": jnp.array([1.0, 2.0])}, TypeError, r"integers; received dtype float32"),
+        ({"lengths": jnp.array([1, 4])}, ValueError, r"\[0, 3\] .* from 1 to 4"),
+        ({"lengths": jnp.array([-1, 2])}, ValueError, r"\[0, 3\] .* from -1 to 2"),
+        ({"initial_state": jnp.ones((2, 2))}, ValueError, r"\(2, 1\); received shape \(2, 2\)"),
+        ({"method": "fast"}, ValueError, r"one of \('sequential', 'parallel', 'auto'\); received 'fast'"),
+    ],
+)
+def test_bad_input_names_expected_and_received(kwargs, error, match):
+    args = {"xs": jnp.ones((2, 3, 1)), "lengths": None, **kwargs}
+    with pytest.raises(error, match=match):
+        rnn(CELL, PARAMS, args.pop("xs"), args.pop("lengths"), **args)
+
+
+def test_parallel_refuses_a_full_recurrent_matrix():
+    cell = ReLUCell(3)
+    params = cell.init(jax.random.key(0), jnp.zeros((1, 3)), jnp.zeros((1, 2)))
+    with pytest.raises(ValueError, match=r"full 3x3 matrix. Use method='sequential'"):
+        rnn(cell, params, jnp.ones((1, 4, 2)), method="parallel")
+    rnn(cell, params, jnp.ones((1, 4, 2)), method="auto")  # auto falls back to sequential
