@@ -173,13 +173,13 @@ def rnn(
         x, active = inputs
         new_carry, _ = cell.apply(params, carry, x)
         carry = jnp.where(active, new_carry, carry)
-        return carry, jnp.where(active, carry, 0)
+        return carry, carry
 
     unroll = _UNROLL.get(jax.default_backend(), _GPU_UNROLL)
-    final_state, states = jax.lax.scan(
+    final_state, carries = jax.lax.scan(
         step,
         initial_state,
         (jnp.swapaxes(xs, 0, 1), mask.T[..., None]),
         unroll=unroll,
     )
-    return final_state, jnp.swapaxes(states, 0, 1)
+    return final_state, jnp.where(mask[..., None], jnp.swapaxes(carries, 0, 1), 0)

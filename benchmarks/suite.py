@@ -1,0 +1,260 @@
+"""Benchmark suite: rnnjax against flax nn.RNN, torch nn.RNN and the seed's PyTorch loop.
+
+For each sequence length T and batch size, times the forward pass and the training step
+(forward, backward, Adam update) of the L1-norm network, every implementation in the same run.
+Compile time (the first call) is reported apart; times are medians of repeats after a warm-up,
+each synchronised (``block_until_ready`` / ``torch.cuda.synchronize``). A configuration whose
+predicted time or memory is over budget is skipped, and the table says why.
+
+    python benchmarks/suite.py                                   # the whole grid
+    python benchmarks/suite.py --lengths 10000 --batches 1 8     # the 10,000-step sequence only
+
+Writes ``results.json``, ``results.md`` and ``time_vs_length.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baselines  # noqa: E402
+from timing import machine, measure  # noqa: E402
+
+from rnnjax import ReLUCell  # noqa: E402
+from rnnjax.recurrence import resolve_method  # noqa: E402
+
+IMPLEMENTATIONS = {
+    "rnnjax sequential": baselines.rnnjax_model("sequential"),
+    "rnnjax parallel": baselines.rnnjax_model("parallel"),
+    "flax nn.RNN": baselines.flax_rnn,
+    "torch nn.RNN": baselines.torch_rnn,
+    "seed loop": baselines.torch_seed_loop,
+}
+TORCH = {"torch nn.RNN", "seed loop"}
+MODES = ("forward", "train")
+# float32 arrays of (batch, time) that each implementation holds at once, roughly (inputs,
+# mask, states, and in training the residuals; the parallel scan keeps four maps per step).
+ARRAYS = {("forward", False): 4, ("forward", True): 12, ("train", False): 10, ("train", True): 32}
+
+
+def rnnjax_label() -> str:
+    """The rnnjax method that "auto" picks on this backend: the one the ratios compare with."""
+    return f"rnnjax {resolve_method(ReLUCell(1), 'auto')}"
+
+
+def skip_reason(name, mode, time, batch, previous, args) -> str | None:
+    if name in TORCH and importlib.util.find_spec("torch") is None:
+        return "torch not installed (pip install torch, the bench extra)"
+    if name == "seed loop" and time > args.seed_loop_max_length:
+        return f"seed loop only up to T = {args.seed_loop_max_length:.0e} (a Python step per element)"
+    gigabytes = 4 * time * batch * ARRAYS[mode, name == "rnnjax parallel"] / 1e9
+    if gigabytes > args.memory_gb:
+        return f"needs ~{gigabytes:.0f} GB > {args.memory_gb:.0f} GB memory budget"
+    if previous is not None:
+        predicted = previous[1] * time / previous[0] / 1e3
+        if predicted > args.max_call_s:
+            return f"predicted {predicted:.0f} s a call > {args.max_call_s:.0f} s budget"
+    return None
+
+
+def run_grid(args) -> list[dict]:
+    rows = []
+    for name in args.implementations:
+        for batch in args.batches:
+            previous = {mode: None for mode in MODES}  # (time, median ms) of the last one measured
+            for time in sorted(args.lengths):
+                reasons = {m: skip_reason(name, m, time, batch, previous[m], args) for m in MODES}
+                closures = None
+                for mode_index, mode in enumerate(MODES):
+                    row = {"implementation": name, "mode": mode, "time": time, "batch": batch}
+                    if reasons[mode] is None:
+                        if closures is None:
+                            xs, targets = baselines.problem(time, batch)
+                            closures = IMPLEMENTATIONS[name](xs, targets)
+                        fn, sync = closures[mode_index], closures[2]
+                        try:
+                            row.update(measure(fn, budget_s=args.budget_s, sync=sync))
+                            previous[mode] = (time, row["median_ms"])
+                        except Exception as e:  # out of memory, or a backend refusing the size
+                            row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    else:
+                        row["skipped"] = reasons[mode]
+                    rows.append(row)
+                    shown = f"{row['median_ms']:10.3f} ms" if "median_ms" in row else f"skipped ({row['skipped']})"
+                    print(f"{name:18s} {mode:7s} T={time:<8d} B={batch:<6d} {shown}", flush=True)
+                del closures
+    return rows
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device memory bandwidth from a large elementwise copy (bytes read plus bytes written)."""
+    x = jnp.ones(2**28, jnp.float32)  # 1 GiB
+    copy = jax.jit(lambda v: v + 1)
+    stats = measure(lambda: copy(x), budget_s=1.0)
+    return 2 * x.nbytes / (stats["median_ms"] / 1e3) / 1e9
+
+
+def lookup(rows, name, mode, time, batch):
+    for row in rows:
+        if (row["implementation"], row["mode"], row["time"], row["batch"]) == (name, mode, time, batch):
+            return row.get("median_ms")
+    return None
+
+
+def add_ratios(rows) -> None:
+    """Adds ``ratio_to_rnnjax`` (its time over rnnjax's) to every measured row."""
+    ours = rnnjax_label()
+    for row in rows:
+        base = lookup(rows, ours, row["mode"], row["time"], row["batch"])
+        if "median_ms" in row and base:
+            row["ratio_to_rnnjax"] = row["median_ms"] / base
+
+
+def check_targets(rows, info) -> list[str]:
+    """The issue's speed targets, each as a line saying met or missed, with the figure."""
+    ours = rnnjax_label()
+    lines = []
+
+    def ratio(other, mode, time, batch, target):
+        a, b = lookup(rows, other, mode, time, batch), lookup(rows, ours, mode, time, batch)
+        if a is None or b is None:
+            lines.append(f"- {mode} T={time} B={batch}: {other} / rnnjax >= {target}x: not measured")
+        else:
+            verdict = "met" if a / b >= target else "MISSED"
+            lines.append(f"- {mode} T={time} B={batch}: {other} / rnnjax = {a / b:,.0f}x "
+                         f"(target >= {target}x): {verdict}")
+
+    if info["backend"] == "cpu":
+        ratio("seed loop", "train", 10_000, 8, 1000)
+        ratio("torch nn.RNN", "train", 10_000, 8, 100)
+    else:
+        ratio("torch nn.RNN", "train", 10_000, 1, 20)
+        t = lookup(rows, ours, "forward", 1_000_000, 1)
+        lines.append(f"- forward T=1e6 B=1 under 1 ms: "
+                     + ("not measured" if t is None else f"{t:.3f} ms: {'met' if t < 1 else 'MISSED'}"))
+        t = lookup(rows, ours, "forward", 10_000, 65_536)
+        if t is not None and "bandwidth_gbs" in info:
+            floor = 4 * 10_000 * 65_536 / (info["bandwidth_gbs"] * 1e9) * 1e3
+            lines.append(f"- forward T=1e4 B=65536 within 3x of the bandwidth floor {floor:.3f} ms: "
+                         f"{t:.3f} ms = {t / floor:.2f}x: {'met' if t <= 3 * floor else 'MISSED'}")
+    return lines
+
+
+def markdown(rows, info, targets) -> str:
+    names = [n for n in IMPLEMENTATIONS if any(r["implementation"] == n for r in rows)]
+    ours = rnnjax_label()
+    out = [f"Machine: {info['device']} ({info['backend']}); CPU {info['cpu']}, {info['cpu_count']} cores; "
+           f"jax {info['jax']}, torch {info['torch']}; {info['date']}.",
+           f"Ratios are each implementation's time over {ours}'s (what method='auto' runs here), "
+           "measured in the same run. Medians in ms; compile time is not included (see below).", ""]
+    skipped = {}
+    for mode in MODES:
+        out += [f"### {mode}" + (" (forward, backward, Adam update)" if mode == "train" else ""), ""]
+        others = [n for n in names if n != ours]
+        out.append("| T | batch | " + " | ".join(f"{n} ms" for n in names) + " | "
+                   + " | ".join(f"{n} / rnnjax" for n in others) + " |")
+        out.append("|" + "---|" * (2 + len(names) + len(others)))
+        for time, batch in sorted({(r["time"], r["batch"]) for r in rows}):
+            cells, ratios = [], []
+            for n in names:
+                row = next(r for r in rows if (r["implementation"], r["mode"], r["time"], r["batch"]) == (n, mode, time, batch))
+                if "median_ms" in row:
+                    cells.append(f"{row['median_ms']:.4g}")
+                else:
+                    mark = skipped.setdefault(row["skipped"], f"s{len(skipped) + 1}")
+                    cells.append(f"skip ({mark})")
+                if n != ours:
+                    ratios.append(f"{row['ratio_to_rnnjax']:,.1f}x" if "ratio_to_rnnjax" in row else "—")
+            out.append(f"| {time:.0e} | {batch} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        out.append("")
+    out += ["### first call (trace + compile + one run), ms", "",
+            "| T | batch | mode | " + " | ".join(n for n in names if n not in TORCH) + " |",
+            "|" + "---|" * (3 + len([n for n in names if n not in TORCH]))]
+    for time, batch in sorted({(r["time"], r["batch"]) for r in rows}):
+        for mode in MODES:
+            cells = []
+            for n in names:
+                if n in TORCH:
+                    continue
+                row = next(r for r in rows if (r["implementation"], r["mode"], r["time"], r["batch"]) == (n, mode, time, batch))
+                cells.append(f"{row['first_call_ms']:.0f}" if "first_call_ms" in row else "—")
+            out.append(f"| {time:.0e} | {batch} | {mode} | " + " | ".join(cells) + " |")
+    out += ["", "Skipped:"] + [f"- {mark}: {reason}" for reason, mark in skipped.items()]
+    out += ["", "Targets:"] + targets
+    return "\n".join(out) + "\n"
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(len(MODES), len(batches), figsize=(4.2 * len(batches), 7),
+                             squeeze=False, layout="constrained")
+    for i, mode in enumerate(MODES):
+        for j, batch in enumerate(batches):
+            ax = axes[i][j]
+            for name in IMPLEMENTATIONS:
+                points = sorted((r["time"], r["median_ms"]) for r in rows if r["implementation"] == name
+                                and r["mode"] == mode and r["batch"] == batch and "median_ms" in r)
+                if points:
+                    ax.loglog(*zip(*points), marker="o", label=name)
+            ax.set(title=f"{mode}, batch {batch}", xlabel="sequence length T", ylabel="median ms")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    with os.fdopen(fd, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def write(path: Path, text: str) -> None:
+    """Writes through a temporary file and a rename, so no reader sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    on_gpu = jax.default_backend() == "gpu"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[100, 1000, 10_000, 100_000, 1_000_000])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 1024] + ([65_536] if on_gpu else []))
+    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
+    parser.add_argument("--budget-s", type=float, default=1.0, help="timing budget per configuration")
+    parser.add_argument("--max-call-s", type=float, default=3.0, help="skip calls predicted slower than this")
+    parser.add_argument("--memory-gb", type=float, default=6.0, help="skip configurations needing more")
+    parser.add_argument("--seed-loop-max-length", type=int, default=10_000)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / jax.default_backend())
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    info = machine()
+    if on_gpu:
+        info["bandwidth_gbs"] = copy_bandwidth_gbs()
+    print(json.dumps(info))
+    rows = run_grid(args)
+    add_ratios(rows)
+    targets = check_targets(rows, info)
+    table = markdown(rows, info, targets)
+    write(args.out / "results.json", json.dumps({"machine": info, "results": rows, "targets": targets}, indent=1))
+    write(args.out / "results.md", table)
+    plot(rows, args.out / "time_vs_length.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
