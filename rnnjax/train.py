@@ -153,10 +153,13 @@ def fit(
       >>> from rnnjax.data import count_batch
       >>> from rnnjax.models import RunningCount
       >>> batch = count_batch(jax.random.key(0), batch_size=8, length=5)
-      >>> result = fit(RunningCount(), optax.adam(0.1), batch, seed=0, max_steps=50,
-      ...              progress=False)
-      >>> result.steps, result.stop_reason
-      (50, 'budget')
+      >>> result = fit(RunningCount(), optax.adam(0.1), batch, seed=3, max_steps=3000,
+      ...              target_weight=1.0, weight_tol=1e-6, progress=False)
+      >>> result.stop_reason, result.steps < 3000
+      ('weights', True)
+      >>> fit(RunningCount(), optax.adam(0.1), batch, seed=0, max_steps=3000,
+      ...     progress=False).stop_reason  # seed 0 draws W_ih <= 0
+      'dead'
     """
     if max_steps < 1 or sync_every < 1:
         raise ValueError(
