@@ -169,17 +169,22 @@ def fit(
     if isinstance(data, Batch):
         batch_at = lambda _: data  # noqa: E731
     else:
-        draw = jax.jit(data)
-        batch_at = lambda i: draw(jax.random.fold_in(data_key, i))  # noqa: E731
+        batch_at = jax.jit(lambda i: data(jax.random.fold_in(data_key, i)))
     step = make_train_step(model, optimizer)
     state = init_state(model, optimizer, init_key, batch_at(0))
     initial_params = state.params
     target = jnp.nan if target_weight is None else target_weight
+
+    @jax.jit
+    def observed_step(state, batch):  # one dispatch per step: the step and what fit watches
+        state, metrics = step(state, batch)
+        return state, {**metrics, **_observe(state.params, target)}
+
     chunks, states, stop_reason = [], [], "budget"
     with tqdm(total=max_steps, disable=not progress, unit="step") as bar:
         for i in range(max_steps):
-            state, metrics = step(state, batch_at(i))
-            states.append((state, {**metrics, **_observe(state.params, target)}))
+            state, row = observed_step(state, batch_at(i))
+            states.append((state, row))
             if len(states) < sync_every and i + 1 < max_steps:
                 continue
             rows = jax.device_get([row for _, row in states])
@@ -203,7 +208,6 @@ def fit(
     return FitResult(state, initial_params, steps, stop_reason, history)
 
 
-@jax.jit
 def _observe(params, target) -> dict[str, jax.Array]:
     """Returns each weight's first element by path ("cell/W_ih", ...) and "weight_error", the
     largest ``|w - target|`` over every weight (NaN when the target is NaN)."""
@@ -215,6 +219,6 @@ def _observe(params, target) -> dict[str, jax.Array]:
 
 def _stop_reasons(chunk, weight_tol, loss_tol) -> list[str | None]:
     """Returns, for each step of the chunk, the rule that held there ("weights", "loss") or None."""
-    weights = chunk["weight_error"] < weight_tol
-    losses = chunk["loss"] <= (-np.inf if loss_tol is None else loss_tol)
-    return ["weights" if w else "loss" if l else None for w, l in zip(weights, losses)]
+    near = chunk["weight_error"] < weight_tol
+    low = chunk["loss"] <= (-np.inf if loss_tol is None else loss_tol)
+    return ["weights" if w else "loss" if loss else None for w, loss in zip(near, low)]
