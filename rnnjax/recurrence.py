@@ -20,7 +20,7 @@ METHODS = ("sequential", "parallel", "auto")
 # lax.scan unroll factor per backend, from benchmarks/NOTES.md: on a CPU unrolling does not pay
 # (unroll 16 or more is 10-30x slower); on an H100 unroll 8 took a plain scan from 105 to 13.6 ms.
 _UNROLL = {"cpu": 1}
-_GPU_UNROLL = 8
+_ACCELERATOR_UNROLL = 8
 
 
 def length_mask(lengths: jax.Array, time: int) -> jax.Array:
@@ -114,8 +114,9 @@ def rnn(
     on them (NaN included).
 
     Args:
-      cell: a ``ReLUCell`` (or, with ``method="sequential"``, any flax cell whose
-        ``__call__(carry, x)`` returns ``(new_carry, output)``).
+      cell: a ``ReLUCell``; with ``method="sequential"``, any flax cell whose carry is one
+        ``(batch, features)`` array and whose ``__call__(carry, x)`` returns
+        ``(new_carry, output)`` (``states`` are then its carries).
       params: the cell's variables, as returned by ``cell.init``.
       xs: inputs, ``(batch, time, features)``, floating point.
       lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full. The
@@ -163,11 +164,13 @@ def rnn(
         )
     initial_state = initial_state.astype(jnp.promote_types(xs.dtype, initial_state.dtype))
 
-    if method == "parallel":
-        w_ih, w_hh = _parallel_weights(cell, params)
-        inputs = jnp.dot(xs, w_ih, precision=PRECISION)
-        carries = relu_scan(w_hh, inputs, mask, initial_state)
-        return carries[:, -1], jnp.where(mask[..., None], carries, 0)
+    run = _parallel if method == "parallel" else _sequential
+    final_state, carries = run(cell, params, xs, mask, initial_state)
+    return final_state, jnp.where(mask[..., None], carries, 0)
+
+
+def _sequential(cell, params, xs, mask, initial_state):
+    """One ``lax.scan``; returns the final state and every carry, frozen past each length."""
 
     def step(carry, inputs):
         x, active = inputs
@@ -175,11 +178,14 @@ def rnn(
         carry = jnp.where(active, new_carry, carry)
         return carry, carry
 
-    unroll = _UNROLL.get(jax.default_backend(), _GPU_UNROLL)
-    final_state, carries = jax.lax.scan(
-        step,
-        initial_state,
-        (jnp.swapaxes(xs, 0, 1), mask.T[..., None]),
-        unroll=unroll,
-    )
-    return final_state, jnp.where(mask[..., None], jnp.swapaxes(carries, 0, 1), 0)
+    unroll = _UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL)
+    inputs = (jnp.swapaxes(xs, 0, 1), mask.T[..., None])
+    final_state, carries = jax.lax.scan(step, initial_state, inputs, unroll=unroll)
+    return final_state, jnp.swapaxes(carries, 0, 1)
+
+
+def _parallel(cell, params, xs, mask, initial_state):
+    """The same as ``_sequential``, by an associative scan of clamp-affine maps."""
+    w_ih, w_hh = _parallel_weights(cell, params)
+    carries = relu_scan(w_hh, jnp.dot(xs, w_ih, precision=PRECISION), mask, initial_state)
+    return carries[:, -1], carries

@@ -1,6 +1,7 @@
 """rnnjax.rnn against a float64 NumPy loop, masking, both methods, and bad input."""
 
 import chex
+import flax.linen as nn
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -175,3 +176,15 @@ def test_parallel_refuses_a_full_recurrent_matrix():
     with pytest.raises(ValueError, match=r"full 3x3 matrix. Use method='sequential'"):
         rnn(cell, params, jnp.ones((1, 4, 2)), method="parallel")
     rnn(cell, params, jnp.ones((1, 4, 2)), method="auto")  # auto falls back to sequential
+
+
+def test_any_flax_cell_with_an_array_carry_runs_sequentially_with_masking():
+    cell = nn.SimpleCell(3, activation_fn=nn.relu)
+    xs = jax.random.normal(jax.random.key(0), (2, 5, 2))
+    params = cell.init(jax.random.key(1), jnp.zeros((2, 3)), xs[:, 0])
+    final_state, states = rnn(cell, params, xs, jnp.array([5, 2]), method="sequential")
+    _, full = rnn(cell, params, xs[1:, :2])
+    chex.assert_trees_all_close(final_state[1:], full[:, -1])
+    chex.assert_trees_all_equal(states[1, 2:], jnp.zeros((3, 3)))
+    with pytest.raises(ValueError, match="needs a ReLUCell; received SimpleCell"):
+        rnn(cell, params, xs, method="parallel")
