@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,8 @@ def demo(args) -> None:
 def train(args) -> None:
     settings = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
                 "length": args.max_length, "tol": args.tol}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # fail before training, not after
     result = runs.train_task(args.task, seed=args.seed, progress=True, **settings)
     print(f"{args.task}: seed {args.seed}, init {_weights(result.initial_params)}")
     print(f"trained {_describe(result)}: {_weights(result.state.params)}, "
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -94,6 +94,14 @@ def test_count_network_trains_and_evaluates(tmp_path, capsys):
     assert "largest error over all steps 0.00e+00" in out
 
 
+def test_an_unwritable_out_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", "count", "--seed", "3", "--steps", "5", "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rnnjax: error: ") and "file/run" in err[0]
+
+
 def test_read_sequence_accepts_a_column_array(tmp_path):
     path = tmp_path / "col.npy"
     np.save(path, np.arange(4.0).reshape(4, 1))

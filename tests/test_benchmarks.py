@@ -1,0 +1,60 @@
+"""The benchmark suite runs end to end on a tiny grid and writes its three files (no timing
+is asserted here: speed targets live in benchmarks/, never in tests)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import suite  # noqa: E402
+
+
+def test_suite_writes_json_markdown_and_plot(tmp_path, capsys):
+    suite.main(["--lengths", "20", "40", "--batches", "2", "--budget-s", "0.01", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["machine"]["backend"] == "cpu" and report["machine"]["cpu_count"] >= 1
+    rows = report["results"]
+    assert {r["implementation"] for r in rows} == set(suite.IMPLEMENTATIONS)
+    assert len(rows) == len(suite.IMPLEMENTATIONS) * 2 * 2  # implementations x lengths x modes
+    torch_missing = importlib.util.find_spec("torch") is None
+    for row in rows:
+        if row["implementation"] in suite.TORCH and torch_missing:
+            assert row["skipped"].startswith("torch not installed")
+        else:
+            assert row["median_ms"] > 0 and row["first_call_ms"] > 0 and row["repeats"] >= 3
+            assert row["ratio_to_rnnjax"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "### forward" in table and "### train" in table and "rnnjax sequential ms" in table
+    assert (tmp_path / "time_vs_length.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def fake_rows(times):
+    return [{"implementation": name, "mode": mode, "time": t, "batch": b, "median_ms": ms}
+            for (name, mode, t, b), ms in times.items()]
+
+
+def test_targets_report_met_and_missed_with_their_figures(monkeypatch):
+    monkeypatch.setattr(suite, "rnnjax_label", lambda: "rnnjax parallel")
+    rows = fake_rows({
+        ("rnnjax parallel", "train", 10_000, 1): 0.1, ("torch nn.RNN", "train", 10_000, 1): 6.3,
+        ("rnnjax parallel", "forward", 1_000_000, 1): 1.5,
+        ("rnnjax parallel", "forward", 10_000, 65_536): 2.0,
+    })
+    lines = suite.check_targets(rows, {"backend": "gpu", "bandwidth_gbs": 3000.0})
+    assert "torch nn.RNN / rnnjax = 63x (target >= 20x): met" in lines[0]
+    assert "1.500 ms: MISSED" in lines[1]
+    floor = 4 * 10_000 * 65_536 / 3000e9 * 1e3
+    assert f"floor {floor:.3f} ms" in lines[2] and "met" in lines[2]
+    cpu = suite.check_targets(rows, {"backend": "cpu"})
+    assert all("not measured" in line for line in cpu)
+
+
+@pytest.mark.parametrize("previous, reason", [((10, 1000.0), "predicted 100 s a call > 3 s budget"),
+                                              (None, None)])
+def test_skip_reason_extrapolates_from_the_last_length(previous, reason):
+    args = suite.argparse.Namespace(seed_loop_max_length=10_000, memory_gb=6.0, max_call_s=3.0)
+    assert suite.skip_reason("rnnjax sequential", "forward", 1000, 1, previous, args) == reason
+    assert "memory budget" in suite.skip_reason("rnnjax parallel", "train", 10**6, 1024, None, args)
