@@ -80,7 +80,8 @@ def _count_table(params, key) -> None:
 
 def demo(args) -> None:
     start = time.perf_counter()
-    print("L1 norm of variable-length sequences (seed 000): Adam lr 0.1, batch 8, lengths 1..10")
+    print("L1 norm of variable-length sequences (seed 000): Adam lr 0.1, a fresh batch of 8 "
+          "each step, lengths 1..10")
     seed, result = _train_until_live("l1", args.seed)
     print(f"  seed {seed}: init {_weights(result.initial_params)}")
     print(f"  trained {_describe(result)}: {_weights(result.state.params)}")
@@ -91,7 +92,8 @@ def demo(args) -> None:
         predicted, exact, error = runs.l1_check(params, sequence)
         print(f"  {name}: predicted {predicted:.9g}, exact {exact:.9g}, relative error {error:.1e}")
 
-    print("Running counts of binary sequences (seed 003): Adam lr 0.1, 8 sequences of length 5")
+    print("Running counts of binary sequences (seed 003): Adam lr 0.1, a fresh batch of 8 "
+          "sequences of length 5 each step")
     seed, result = _train_until_live("count", args.seed)
     print(f"  seed {seed}: init {_weights(result.initial_params)}")
     print(f"  trained {_describe(result)}: {_weights(result.state.params)}")
@@ -143,12 +145,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="train one network; save weights, metrics and a plot")
     p.add_argument("task", choices=sorted(runs.TASKS))
-    p.add_argument("--steps", type=_positive_int, help="step budget (default 3000)")
-    p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 0.1)")
+    p.add_argument("--steps", type=_positive_int, help="step budget (default 5000)")
+    p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 0.1; b2 is 0.9999)")
     p.add_argument("--batch-size", type=_positive_int, help="sequences in the batch (default 8)")
     p.add_argument("--max-length", type=_positive_int,
                    help="longest sequence (l1, default 10) or every sequence's length (count, default 5)")
-    p.add_argument("--seed", type=int, default=0, help="fixes the init and the batch (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the init and every batch (default 0)")
     p.add_argument("--tol", type=_positive_float, default=1e-9,
                    help="stop once both weights are within TOL of 1 (default 1e-9: exactly 1.0 "
                         "in float32, which long sequences need)")
