@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -31,6 +29,7 @@ from timing import machine, measure  # noqa: E402
 
 from rnnjax import ReLUCell  # noqa: E402
 from rnnjax.recurrence import resolve_method  # noqa: E402
+from rnnjax.runs import write_atomically  # noqa: E402
 
 IMPLEMENTATIONS = {
     "rnnjax sequential": baselines.rnnjax_model("sequential"),
@@ -213,19 +212,8 @@ def plot(rows, path: Path) -> None:
             ax.set(title=f"{mode}, batch {batch}", xlabel="sequence length T", ylabel="median ms")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    with os.fdopen(fd, "wb") as f:
-        fig.savefig(f, dpi=100, format="png")
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
-
-
-def write(path: Path, text: str) -> None:
-    """Writes through a temporary file and a rename, so no reader sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> None:
@@ -250,8 +238,9 @@ def main(argv=None) -> None:
     add_ratios(rows)
     targets = check_targets(rows, info)
     table = markdown(rows, info, targets)
-    write(args.out / "results.json", json.dumps({"machine": info, "results": rows, "targets": targets}, indent=1))
-    write(args.out / "results.md", table)
+    report = json.dumps({"machine": info, "results": rows, "targets": targets}, indent=1)
+    write_atomically(args.out / "results.json", lambda f: f.write(report), mode="w")
+    write_atomically(args.out / "results.md", lambda f: f.write(table), mode="w")
     plot(rows, args.out / "time_vs_length.png")
     print(table)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rnnjax.recurrence import length_mask
+from rnnjax.masking import length_mask
 
 __all__ = ["forward", "loss", "grad"]
 
@@ -36,6 +36,7 @@ def forward(w_ih, w_hh, xs, lengths=None) -> tuple[jax.Array, jax.Array]:
       lengths: ``(batch,)`` integers; None means every sequence is full.
     """
     mask = _mask(xs, lengths)
+    xs = jnp.where(mask, xs, 0)  # padding, NaN included, must reach neither values nor gradients
 
     def step(h, inputs):
         x, active = inputs
@@ -79,7 +80,7 @@ def grad(w_ih, w_hh, xs, targets, lengths=None) -> tuple[jax.Array, jax.Array]:
       [5.0, 2.0]
     """
     mask = _mask(xs, lengths)
-    xs = jnp.where(mask, xs, 0)  # padding, NaN included, must not reach the sums below
+    xs = jnp.where(mask, xs, 0)  # as in forward: padding must not reach the sums below
     z, h = forward(w_ih, w_hh, xs, lengths)
     errors = jnp.where(mask, h - targets, 0)
     fired = mask & (z > 0)

@@ -8,11 +8,9 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rnnjax import runs
-from rnnjax.models import RunningCount
 from rnnjax.recurrence import METHODS
 
 __all__ = ["main"]
@@ -36,8 +34,15 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number; received {text}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number; received {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**31); received {text}")
     return value
 
 
@@ -69,13 +74,13 @@ def _describe(result) -> str:
 
 def _count_table(params, key) -> None:
     held_out = runs.TASKS["count"].batch(key, 4, 5)  # seed 003's test set: 4 sequences of 5
-    predicted = np.asarray(RunningCount().apply(params, held_out.xs))
+    predicted, exact = runs.count_check(params, held_out.xs)
     print("  held-out sequences: input bits | exact running count | predicted")
-    for x, target, out in zip(np.asarray(held_out.xs), np.asarray(held_out.targets), predicted):
+    for x, target, out in zip(np.asarray(held_out.xs), exact, predicted):
         bits = " ".join(str(int(v)) for v in x)
         counts = " ".join(str(int(v)) for v in target)
         print(f"    {bits} | {counts} | " + " ".join(f"{v:.4f}" for v in out))
-    print(f"  largest error: {np.abs(predicted - np.asarray(held_out.targets)).max():.2e}")
+    print(f"  largest error: {np.abs(predicted - exact).max():.2e}")
 
 
 def demo(args) -> None:
@@ -129,10 +134,9 @@ def evaluate(args) -> None:
         print(f"length {sequence.size}: predicted {predicted:.9g}, exact {exact:.9g} (float64), "
               f"relative error {error:.2e}")
         return
-    outputs = np.asarray(RunningCount(method=args.method).apply(params, jnp.asarray(sequence, jnp.float32)[None])[0])
-    exact = np.cumsum(sequence)
-    print(f"length {sequence.size}: final count predicted {outputs[-1]:.6g}, exact {exact[-1]:.6g}; "
-          f"largest error over all steps {np.abs(outputs - exact).max():.2e}")
+    predicted, exact = runs.count_check(params, sequence[None], args.method)
+    print(f"length {sequence.size}: final count predicted {predicted[0, -1]:.6g}, exact "
+          f"{exact[0, -1]:.6g}; largest error over all steps {np.abs(predicted - exact).max():.2e}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("demo", help="train both seed networks and check them (under a minute)")
-    p.add_argument("--seed", type=int, default=0, help="first seed to try (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="first seed to try (default 0)")
     p.set_defaults(run=demo)
 
     p = commands.add_parser("train", help="train one network; save weights, metrics and a plot")
@@ -150,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, help="sequences in the batch (default 8)")
     p.add_argument("--max-length", type=_positive_int,
                    help="longest sequence (l1, default 10) or every sequence's length (count, default 5)")
-    p.add_argument("--seed", type=int, default=0, help="fixes the init and every batch (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="fixes the init and every batch (default 0)")
     p.add_argument("--tol", type=_positive_float, default=1e-9,
                    help="stop once both weights are within TOL of 1 (default 1e-9: exactly 1.0 "
                         "in float32, which long sequences need)")
@@ -163,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--length", type=_positive_int, help="draw a random sequence this long")
     source.add_argument("--input", help="a .npy, .csv or .txt file of numbers")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random sequence (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random sequence (default 0)")
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="'parallel' sums in tree order: use it from ~1e5 steps on")
     p.set_defaults(run=evaluate)
@@ -177,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except (ValueError, TypeError, OSError) as e:
         print(f"rnnjax: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("rnnjax: error: out of memory; try a shorter sequence", file=sys.stderr)
         return 2
     return 0
 

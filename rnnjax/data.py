@@ -6,8 +6,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rnnjax.recurrence import length_mask
+from rnnjax.masking import length_mask
 
 __all__ = ["Batch", "l1_batch", "count_batch"]
 
@@ -27,7 +28,7 @@ class Batch(NamedTuple):
 
 
 def _check_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer; received {value!r}.")
 
 

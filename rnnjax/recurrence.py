@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -10,22 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax.cell import PRECISION, ReLUCell
+from rnnjax.masking import length_mask
 from rnnjax.parallel import relu_scan
 
-__all__ = ["Method", "METHODS", "rnn", "resolve_method", "length_mask"]
+__all__ = ["Method", "METHODS", "rnn", "resolve_method", "check_sequences"]
 
 Method = Literal["sequential", "parallel", "auto"]
-METHODS = ("sequential", "parallel", "auto")
+METHODS: tuple[str, ...] = get_args(Method)
 
 # lax.scan unroll factor per backend, from benchmarks/NOTES.md: on a CPU unrolling does not pay
 # (unroll 16 or more is 10-30x slower); on an H100 unroll 8 took a plain scan from 105 to 13.6 ms.
 _UNROLL = {"cpu": 1}
 _ACCELERATOR_UNROLL = 8
-
-
-def length_mask(lengths: jax.Array, time: int) -> jax.Array:
-    """Returns ``(batch, time)`` booleans, True at steps before each sequence's length."""
-    return jnp.arange(time)[None] < lengths[:, None]
 
 
 def check_sequences(xs: Any, name: str = "xs") -> jax.Array:
@@ -44,7 +40,9 @@ def check_sequences(xs: Any, name: str = "xs") -> jax.Array:
 
 
 def _check_lengths(lengths: Any, batch: int, time: int) -> jax.Array:
-    lengths = jnp.asarray(lengths) if not isinstance(lengths, jax.Array) else lengths
+    """Returns ``lengths`` as int32 after checking shape, dtype and (when concrete) range."""
+    if not isinstance(lengths, jax.core.Tracer):  # under jit the values are unknown
+        lengths = np.asarray(lengths)  # keeps int64 and uint types, so the range check sees them
     if lengths.shape != (batch,):
         raise ValueError(
             f"lengths must have shape (batch,) = ({batch},) to match xs; "
@@ -55,47 +53,44 @@ def _check_lengths(lengths: Any, batch: int, time: int) -> jax.Array:
             f"lengths must be integers; received dtype {lengths.dtype}. "
             "Convert them with lengths.astype(jnp.int32)."
         )
-    if not isinstance(lengths, jax.core.Tracer):  # under jit the values are unknown
-        values = np.asarray(lengths)
-        if values.min() < 0 or values.max() > time:
-            raise ValueError(
-                f"lengths must lie in [0, {time}] (the time axis of xs); "
-                f"received values from {values.min()} to {values.max()}."
-            )
-    return lengths
+    if isinstance(lengths, np.ndarray) and (lengths.min() < 0 or lengths.max() > time):
+        raise ValueError(
+            f"lengths must lie in [0, {time}] (the time axis of xs); "
+            f"received values from {lengths.min()} to {lengths.max()}."
+        )
+    if isinstance(lengths, jax.core.Tracer) and jnp.iinfo(lengths.dtype).bits > 32:
+        lengths = jnp.clip(lengths, 0, time)  # so that the cast below cannot wrap around
+    return jnp.asarray(lengths).astype(jnp.int32)
 
 
-def _parallel_weights(cell: nn.Module, params: Any) -> tuple[jax.Array, jax.Array]:
-    """Returns ``(W_ih, diag(W_hh))`` if ``cell`` is elementwise in time, else raises."""
+def _parallel_refusal(cell: nn.Module) -> str | None:
+    """Why ``cell`` cannot be evaluated in parallel, or None if it can."""
     if not isinstance(cell, ReLUCell):
-        raise ValueError(
-            f"method='parallel' needs a ReLUCell; received {type(cell).__name__}. "
-            "Use method='sequential'."
-        )
+        return (f"method='parallel' needs a ReLUCell; received {type(cell).__name__}. "
+                "Use method='sequential'.")
     if not (cell.diagonal or cell.features == 1):
-        raise ValueError(
-            f"method='parallel' needs a ReLUCell with features == 1 or diagonal=True; received "
-            f"ReLUCell(features={cell.features}) whose W_hh is a full "
-            f"{cell.features}x{cell.features} matrix. Use method='sequential', or "
-            "ReLUCell(features, diagonal=True)."
-        )
-    weights = params["params"]
-    return weights["W_ih"], weights["W_hh"].reshape(-1)
+        return (f"method='parallel' needs a ReLUCell with features == 1 or diagonal=True; "
+                f"received ReLUCell(features={cell.features}) whose W_hh is a full "
+                f"{cell.features}x{cell.features} matrix. Use method='sequential', or "
+                "ReLUCell(features, diagonal=True).")
+    return None
 
 
 def resolve_method(cell: nn.Module, method: str) -> str:
-    """Returns the method ``rnn`` will use: ``"auto"`` becomes sequential or parallel.
+    """Returns the method ``rnn`` will use, or raises if ``cell`` cannot use the one asked for.
 
     "auto" takes "parallel" on an accelerator when the cell allows it (a plain scan launches
     work step by step there) and "sequential" on a CPU, where benchmarks/NOTES.md measured the
-    scan 4-10x faster than the parallel form at every length from 1e2 to 1e6 steps.
+    scan 2-14x faster than the parallel form at every length from 1e2 to 1e6 steps.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; received {method!r}.")
-    if method != "auto":
-        return method
-    parallel_ok = isinstance(cell, ReLUCell) and (cell.diagonal or cell.features == 1)
-    return "parallel" if parallel_ok and jax.default_backend() != "cpu" else "sequential"
+    refusal = _parallel_refusal(cell)
+    if method == "parallel" and refusal:
+        raise ValueError(refusal)
+    if method == "auto":
+        return "parallel" if refusal is None and jax.default_backend() != "cpu" else "sequential"
+    return method
 
 
 def rnn(
@@ -162,7 +157,10 @@ def rnn(
             f"initial_state must have shape (batch, features) = ({batch}, {cell.features}); "
             f"received shape {initial_state.shape}."
         )
+    # The carry's dtype is what one step returns (inputs, weights and state promoted together).
     initial_state = initial_state.astype(jnp.promote_types(xs.dtype, initial_state.dtype))
+    step_shape = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
+    initial_state = initial_state.astype(step_shape.dtype)
 
     run = _parallel if method == "parallel" else _sequential
     final_state, carries = run(cell, params, xs, lengths, initial_state)
@@ -182,14 +180,15 @@ def _sequential(cell, params, xs, lengths, initial_state):
 
     unroll = _UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL)
     (final_state, _), carries = jax.lax.scan(
-        step, (initial_state, jnp.zeros((), lengths.dtype)), jnp.swapaxes(xs, 0, 1), unroll=unroll
+        step, (initial_state, jnp.zeros((), jnp.int32)), jnp.swapaxes(xs, 0, 1), unroll=unroll
     )
     return final_state, jnp.swapaxes(carries, 0, 1)
 
 
 def _parallel(cell, params, xs, lengths, initial_state):
     """The same as ``_sequential``, by an associative scan of clamp-affine maps."""
-    w_ih, w_hh = _parallel_weights(cell, params)
-    inputs = jnp.dot(xs, w_ih, precision=PRECISION)
-    carries = relu_scan(w_hh, inputs, length_mask(lengths, xs.shape[1]), initial_state)
+    weights = params["params"]
+    inputs = jnp.dot(xs, weights["W_ih"], precision=PRECISION)
+    w_hh = weights["W_hh"].reshape(-1).astype(inputs.dtype)
+    carries = relu_scan(w_hh, inputs, lengths, initial_state.astype(inputs.dtype))
     return carries[:, -1], carries

@@ -19,9 +19,10 @@ from flax import serialization
 from rnnjax.data import Batch, count_batch, l1_batch
 from rnnjax.models import L1Norm, RunningCount
 from rnnjax.recurrence import Method
-from rnnjax.train import FitResult, fit
+from rnnjax.train import FitResult, fit, weights_by_path
 
-__all__ = ["Task", "TASKS", "train_task", "l1_check", "save_run", "load_params", "read_sequence"]
+__all__ = ["Task", "TASKS", "train_task", "l1_check", "count_check", "write_atomically", "save_run",
+           "load_params", "read_sequence"]
 
 
 class Task(NamedTuple):
@@ -85,12 +86,24 @@ def l1_check(params: Any, sequence: np.ndarray, method: Method = "auto") -> tupl
     return predicted, exact, abs(predicted - exact) / max(exact, np.finfo(np.float64).tiny)
 
 
-def _write_atomically(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Writes through a temporary file in the same folder, then renames it over ``path``."""
+def count_check(params: Any, bits: np.ndarray, method: Method = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Returns ``(predicted, exact)`` running counts, each ``(batch, time)``, of ``bits``
+    ``(batch, time)``."""
+    bits = np.asarray(bits, np.float32)
+    predicted = jax.jit(RunningCount(method=method).apply)(params, jnp.asarray(bits))
+    return np.asarray(predicted), np.cumsum(bits, axis=1)
+
+
+def write_atomically(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Writes ``path`` through a temporary file in the same folder, then renames it into place,
+    so no reader ever sees half a file; the file gets the usual permissions (0666 less umask)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -110,20 +123,16 @@ def save_run(out: str | os.PathLike, task: str, settings: dict, result: FitResul
         "steps": result.steps,
         "stop_reason": result.stop_reason,
         "final_loss": float(result.history["loss"][-1]),
-        "weights": {k: v.tolist() for k, v in _flat(params).items()},
-        "initial_weights": {k: v.tolist() for k, v in _flat(result.initial_params).items()},
+        "weights": {k: np.asarray(v).tolist() for k, v in weights_by_path(params).items()},
+        "initial_weights": {k: np.asarray(v).tolist()
+                            for k, v in weights_by_path(result.initial_params).items()},
         "history": {k: v.tolist() for k, v in result.history.items()},
     }
     paths = [out / "params.msgpack", out / "metrics.json", out / "training.png"]
-    _write_atomically(paths[0], lambda f: f.write(serialization.msgpack_serialize(params)))
-    _write_atomically(paths[1], lambda f: json.dump(metrics, f, indent=1), mode="w")
-    _write_atomically(paths[2], lambda f: plot_training(result.history, f, title=task))
+    write_atomically(paths[0], lambda f: f.write(serialization.msgpack_serialize(params)))
+    write_atomically(paths[1], lambda f: json.dump(metrics, f, indent=1), mode="w")
+    write_atomically(paths[2], lambda f: plot_training(result.history, f, title=task))
     return paths
-
-
-def _flat(params) -> dict[str, np.ndarray]:
-    flat = jax.tree_util.tree_flatten_with_path(params["params"])[0]
-    return {"/".join(k.key for k in path): np.asarray(leaf) for path, leaf in flat}
 
 
 def load_params(run: str | os.PathLike, task: str) -> Any:
@@ -140,7 +149,7 @@ def load_params(run: str | os.PathLike, task: str) -> Any:
     if saved_task != task:
         raise ValueError(f"--params {run}: that run trained the {saved_task!r} network, not {task!r}")
     try:
-        shapes = {k: v.shape for k, v in _flat(params).items()}
+        shapes = {k: np.shape(v) for k, v in weights_by_path(params).items()}
     except (KeyError, TypeError, AttributeError):
         shapes = None
     if shapes != {"cell/W_ih": (1, 1), "cell/W_hh": (1, 1)}:
@@ -176,9 +185,12 @@ def read_sequence(path: str | os.PathLike) -> np.ndarray:
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        values = np.load(path, allow_pickle=False)
     except (ValueError, EOFError) as e:
         raise ValueError(f"--input {path}: not a valid .npy file ({e})") from None
+    if not isinstance(values, np.ndarray):
+        raise ValueError(f"--input {path}: holds an .npz archive; expected one array (np.save)")
+    return values
 
 
 def _parse_numbers(text: str, path: Path) -> np.ndarray:

@@ -13,9 +13,10 @@ import optax
 from tqdm.auto import tqdm
 
 from rnnjax.data import Batch
-from rnnjax.recurrence import length_mask
+from rnnjax.masking import length_mask
 
-__all__ = ["TrainState", "FitResult", "init_state", "squared_error", "make_train_step", "fit"]
+__all__ = ["TrainState", "FitResult", "init_state", "squared_error", "make_train_step", "fit",
+           "weights_by_path"]
 
 
 class TrainState(NamedTuple):
@@ -208,13 +209,19 @@ def fit(
     return FitResult(state, initial_params, steps, stop_reason, history)
 
 
-def _observe(params, target) -> dict[str, jax.Array]:
-    """Returns each weight's first element by path ("cell/W_ih", ...) and "weight_error", the
-    largest ``|w - target|`` over every weight (NaN when the target is NaN)."""
+def weights_by_path(params) -> dict[str, jax.Array]:
+    """Returns the model's weights keyed by their path, e.g. ``{"cell/W_ih": ..., "cell/W_hh": ...}``."""
     flat = jax.tree_util.tree_flatten_with_path(params["params"])[0]
-    observed = {"/".join(k.key for k in path): leaf.reshape(-1)[0] for path, leaf in flat}
-    errors = [jnp.max(jnp.abs(leaf - target)) for _, leaf in flat]
-    return {**observed, "weight_error": jnp.max(jnp.stack(errors))}
+    return {"/".join(k.key for k in path): leaf for path, leaf in flat}
+
+
+def _observe(params, target) -> dict[str, jax.Array]:
+    """Returns each weight's first element by path and "weight_error", the largest
+    ``|w - target|`` over every weight (NaN when the target is NaN)."""
+    weights = weights_by_path(params)
+    errors = [jnp.max(jnp.abs(w - target)) for w in weights.values()]
+    return {**{k: w.reshape(-1)[0] for k, w in weights.items()},
+            "weight_error": jnp.max(jnp.stack(errors))}
 
 
 def _stop_reasons(chunk, weight_tol, loss_tol) -> list[str | None]:

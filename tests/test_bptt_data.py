@@ -45,6 +45,8 @@ def test_bptt_ignores_padding_even_nan():
     clean = bptt.grad(0.7, -0.3, jnp.nan_to_num(xs), jnp.ones((2, 3)), lengths)
     chex.assert_trees_all_equal(bptt.grad(0.7, -0.3, xs, jnp.ones((2, 3)), lengths), clean)
     chex.assert_tree_all_finite(clean)
+    autodiff = jax.grad(bptt.loss, argnums=(0, 1))(0.7, -0.3, xs, jnp.ones((2, 3)), lengths)
+    chex.assert_trees_all_close(autodiff, clean, rtol=1e-6)
 
 
 def test_l1_batch_is_padded_and_labelled():
@@ -55,6 +57,10 @@ def test_l1_batch_is_padded_and_labelled():
     for x, n, target in zip(xs, lengths, np.asarray(batch.targets)):
         assert np.all(x[n:] == 0) and np.all(x[:n] != 0)
         np.testing.assert_allclose(target, np.abs(x[:n].astype(np.float64)).sum(), rtol=1e-6)
+
+
+def test_numpy_integer_sizes_are_accepted():
+    assert l1_batch(jax.random.key(0), np.int64(3), np.int32(4)).xs.shape == (3, 4)
 
 
 def test_count_batch_targets_are_running_counts():
@@ -68,7 +74,8 @@ def test_count_batch_targets_are_running_counts():
 @pytest.mark.parametrize("fn", [l1_batch, count_batch])
 @pytest.mark.parametrize("sizes, match", [((0, 5), "batch_size .* received 0"),
                                           ((4, -1), "must be a positive integer; received -1"),
-                                          ((4, 2.5), "received 2.5")])
+                                          ((4, 2.5), "received 2.5"),
+                                          ((np.int64(0), 3), r"received np.int64\(0\)")])
 def test_batches_reject_bad_sizes(fn, sizes, match):
     with pytest.raises(ValueError, match=match):
         fn(jax.random.key(0), *sizes)

@@ -1,6 +1,7 @@
 """The rnnjax command: demo, train, eval, and one-line errors with exit status 2."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -46,6 +47,13 @@ def test_eval_on_a_long_random_sequence(l1_run, capsys):
     assert error < 1e-5
 
 
+def npz(tmp_path):
+    path = tmp_path / "archive.npy"
+    with open(path, "wb") as f:
+        np.savez(f, a=np.ones(3))
+    return str(path)
+
+
 def bad(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
@@ -62,6 +70,8 @@ def bad(tmp_path, name, content):
     (lambda run, tmp: ["--input", bad(tmp, "x.txt", b"\xff\xfe\x00")], r"cannot be read"),
     (lambda run, tmp: ["--length", "0"], r"expected a positive integer; received 0$"),
     (lambda run, tmp: ["--length", "5", "--input", "x.csv"], r"not allowed with argument"),
+    (lambda run, tmp: ["--input", npz(tmp)], r"holds an .npz archive; expected one array"),
+    (lambda run, tmp: ["--length", "3", "--seed", "99999999999999999999"], r"expected a seed in"),
 ])
 def test_eval_bad_input_is_one_line_and_exit_2(l1_run, tmp_path, capsys, make_args, match):
     with pytest.raises(SystemExit) as exit_info:
@@ -98,8 +108,25 @@ def test_an_unwritable_out_folder_is_one_line_and_exit_2(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert main(["train", "count", "--seed", "3", "--steps", "5", "--out", str(blocker / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before any training
+    err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rnnjax: error: ") and "file/run" in err[0]
+
+
+def test_saved_files_have_the_usual_permissions(l1_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in l1_run.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("flag", ["--tol", "--lr"])
+def test_infinite_settings_are_refused(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "l1", flag, "inf"])
+    assert exit_info.value.code == 2
+    assert "expected a positive finite number; received inf" in capsys.readouterr().err
 
 
 def test_read_sequence_accepts_a_column_array(tmp_path):

@@ -188,3 +188,54 @@ def test_any_flax_cell_with_an_array_carry_runs_sequentially_with_masking():
     chex.assert_trees_all_equal(states[1, 2:], jnp.zeros((3, 3)))
     with pytest.raises(ValueError, match="needs a ReLUCell; received SimpleCell"):
         rnn(cell, params, xs, method="parallel")
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([1.5, 2.0, 3.0]))
+def test_parallel_stays_exact_when_long_spans_of_weights_overflow(seed, scale):
+    """|W_hh| > 1 over 300 steps: span slopes like 2**300 overflow float32, while the loop's
+    states stay finite because the ReLU keeps resetting them. Both methods must agree."""
+    rng = np.random.default_rng(seed)
+    w_hh = np.float32(scale * rng.choice([-1.0, 1.0]))
+    xs = rng.normal(size=(3, 300, 1)).astype(np.float32) - 0.5
+    lengths = np.array([300, 171, 0])
+    params = {"params": {"W_ih": jnp.ones((1, 1)), "W_hh": jnp.full((1, 1), w_hh)}}
+    h0 = rng.uniform(0, 1, size=(3, 1)).astype(np.float32)
+    expected = numpy_rnn(params["params"]["W_ih"], params["params"]["W_hh"], xs, lengths, h0)
+    if not all(np.isfinite(e).all() and np.abs(e).max() < 1e30 for e in expected):
+        return  # the loop itself overflows: nothing to compare
+    parallel = run(ReLUCell(1), params, xs, lengths, h0, "parallel")
+    chex.assert_tree_all_finite(parallel)
+    chex.assert_trees_all_close(parallel, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.int64, np.uint32])
+@pytest.mark.parametrize("method", METHODS)
+def test_lengths_of_any_integer_type(dtype, method):
+    cell, params, xs, _, _ = draw_case(4, 2, 300, 1)
+    lengths = np.array([100, 127], dtype)
+    expected = numpy_rnn(params["params"]["W_ih"], params["params"]["W_hh"], xs, lengths)
+    chex.assert_trees_all_close(rnn(cell, params, jnp.asarray(xs), lengths, method=method), expected,
+                                rtol=1e-4, atol=1e-5)
+
+
+def test_lengths_too_large_for_int32_are_refused_not_wrapped():
+    with pytest.raises(ValueError, match=r"\[0, 3\] .* from 2 to 4294967298"):
+        rnn(CELL, PARAMS, jnp.ones((2, 3, 1)), np.array([2, 2**32 + 2]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_sequence_of_length_zero_keeps_its_initial_state(method):
+    cell, params, xs, _, h0 = draw_case(5, 3, 4, 1, initial=True)
+    final_state, states = run(cell, params, xs, np.array([0, 4, 0]), h0, method)
+    chex.assert_trees_all_equal(final_state[np.array([0, 2])], jnp.asarray(h0)[np.array([0, 2])])
+    chex.assert_trees_all_equal(states[0], jnp.zeros((4, 1)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_low_precision_inputs_run_in_the_weights_precision(method):
+    xs = jnp.ones((2, 4, 1), jnp.bfloat16)
+    final_state, states = rnn(CELL, PARAMS, xs, initial_state=jnp.zeros((2, 1), jnp.bfloat16),
+                              method=method)
+    assert final_state.dtype == states.dtype == jnp.float32
+    chex.assert_trees_all_equal(final_state, jnp.full((2, 1), 4.0))
