@@ -186,7 +186,7 @@ def _sequential(cell, params, xs, lengths, initial_state):
 
 
 def _parallel(cell, params, xs, lengths, initial_state):
-    """The same as ``_sequential``, by an associative scan of clamp-affine maps."""
+    """The same as ``_sequential``, by an associative scan of ramps (see rnnjax.parallel)."""
     weights = params["params"]
     inputs = jnp.dot(xs, weights["W_ih"], precision=PRECISION)
     w_hh = weights["W_hh"].reshape(-1).astype(inputs.dtype)
