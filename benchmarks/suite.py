@@ -138,7 +138,7 @@ def check_targets(rows, info) -> list[str]:
     else:
         ratio("torch nn.RNN", "train", 10_000, 1, 20)
         t = lookup(rows, ours, "forward", 1_000_000, 1)
-        lines.append(f"- forward T=1e6 B=1 under 1 ms: "
+        lines.append("- forward T=1e6 B=1 under 1 ms: "
                      + ("not measured" if t is None else f"{t:.3f} ms: {'met' if t < 1 else 'MISSED'}"))
         t = lookup(rows, ours, "forward", 10_000, 65_536)
         if t is not None and "bandwidth_gbs" in info:

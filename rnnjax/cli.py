@@ -51,9 +51,9 @@ def _weights(params) -> str:
     return f"W_ih = {float(w['W_ih'][0, 0]):.9g}, W_hh = {float(w['W_hh'][0, 0]):.9g}"
 
 
-def _train_until_live(task: str, seed: int, **settings):
-    """Trains from ``seed``; on a dead ReLU says so and draws again from the next seed."""
-    for seed in range(seed, seed + DEMO_SEED_TRIES):
+def _train_until_live(task: str, first_seed: int, **settings):
+    """Trains from ``first_seed``; on a dead ReLU says so and draws again from the next seed."""
+    for seed in range(first_seed, first_seed + DEMO_SEED_TRIES):
         result = runs.train_task(task, seed=seed, **settings)
         if result.stop_reason != "dead":
             return seed, result
