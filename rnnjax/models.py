@@ -1,4 +1,5 @@
-"""The two seed networks: the L1 norm of a sequence, and running counts of a binary sequence."""
+"""The seed networks: the L1 norm of a sequence (|x| made by negation, or learned), and running
+counts of a binary sequence."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import ReLUCell
+from rnnjax.cell import PRECISION, ReLUCell
 from rnnjax.recurrence import Method, check_sequences, resolve_method, rnn
 
-__all__ = ["L1Norm", "RunningCount"]
+__all__ = ["L1Norm", "RunningCount", "L1NormLearned"]
 
 
 def _scalar_sequences(xs) -> jax.Array:
@@ -103,3 +104,60 @@ class RunningCount(nn.Module):
         """
         _, states = _scalar_cell_rnn(self, _scalar_sequences(xs), lengths, self.method)
         return states[..., 0]
+
+
+class L1NormLearned(nn.Module):
+    """The L1 norm with ``|x|`` learned too: a bias-free dense layer from ``x`` to 2 units, a
+    ReLU, then a bias-free ``ReLUCell(1)`` on those 2 inputs; the output is the final state.
+
+    Nothing in the model looks at the sign of an input (no ``abs``, ``where``, ``sign`` or
+    comparison): ``|x| = relu(x) + relu(-x)`` has to be found by training, as one unit with a
+    positive weight and one with a negative one. The function is
+
+        h_t = relu(slope_pos * relu(x_t) + slope_neg * relu(-x_t) + W_hh * h_{t-1}),
+
+    where ``slope_pos = sum_i W_ih[i] relu(kernel[i])`` and
+    ``slope_neg = sum_i W_ih[i] relu(-kernel[i])``: every weight set with
+    ``slope_pos = slope_neg = W_hh = 1`` computes the L1 norm exactly, so the weights are not
+    unique but those three numbers are (``function_weights``).
+
+    Attributes:
+      method: how ``rnnjax.rnn`` evaluates the recurrence ("sequential", "parallel", "auto").
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = L1NormLearned()
+      >>> xs = jnp.array([[3.0, -5.0, 7.0, -2.0]])
+      >>> variables = model.init(jax.random.key(0), xs)
+      >>> model.apply(variables, xs).shape, sorted(L1NormLearned.function_weights(variables))
+      ((1,), ['cell/W_hh', 'slope_neg', 'slope_pos'])
+    """
+
+    method: Method = "auto"
+
+    @nn.compact
+    def __call__(self, xs: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+        """Returns the predicted L1 norm of each sequence, ``(batch,)``.
+
+        Args:
+          xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
+          lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
+        """
+        xs = _scalar_sequences(xs)
+        # PyTorch's nn.Linear init, U(-1/sqrt(in), 1/sqrt(in)), like the cell's.
+        init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+        units = nn.relu(nn.Dense(2, use_bias=False, kernel_init=init, name="dense",
+                                 precision=PRECISION)(xs))
+        final_state, _ = _scalar_cell_rnn(self, units, lengths, self.method)
+        return final_state[:, 0]
+
+    @staticmethod
+    def function_weights(variables) -> dict[str, jax.Array]:
+        """Returns the three numbers that fix the function: ``slope_pos`` and ``slope_neg``
+        (what a positive and a negative input of size 1 add to the cell's pre-activation) and
+        ``cell/W_hh``; the L1 norm is computed exactly when all three are 1."""
+        kernel = variables["params"]["dense"]["kernel"][0]
+        w_ih = variables["params"]["cell"]["W_ih"][:, 0]
+        return {"slope_pos": jnp.dot(nn.relu(kernel), w_ih, precision=PRECISION),
+                "slope_neg": jnp.dot(nn.relu(-kernel), w_ih, precision=PRECISION),
+                "cell/W_hh": variables["params"]["cell"]["W_hh"][0, 0]}
