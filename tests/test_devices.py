@@ -1,0 +1,70 @@
+"""Seeds and batches spread over 4 simulated CPU devices give the single-device results.
+
+XLA reads ``--xla_force_host_platform_device_count`` once, when JAX starts, so the 4-device
+tests run in a second pytest process started with it; in a process that already has 4 devices
+they run directly.
+"""
+
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+from rnnjax.data import l1_batch
+from rnnjax.devices import device_mesh, replicate, shard_leading_axis
+from rnnjax.models import L1Norm
+from rnnjax.recipes import RECIPES, sweep_recipe
+from rnnjax.train import init_state, make_train_step
+
+four_devices = pytest.mark.skipif(
+    jax.device_count() < 4, reason="needs 4 devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")
+
+
+@pytest.mark.skipif(jax.device_count() >= 4, reason="this process has the devices: the tests run here")
+def test_on_four_simulated_cpu_devices():
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "four_devices"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 passed" in run.stdout and "skipped" not in run.stdout, run.stdout
+
+
+def l1_data(key, batch_size):
+    return l1_batch(key, batch_size, 10)
+
+
+@four_devices
+def test_four_devices_sweep_equals_one_device():
+    # 10 seeds on 4 devices: padded to 12, 3 a device
+    one, four = (sweep_recipe(RECIPES["notebook"], L1Norm(), l1_data, seeds=10, steps=120, chunk=40,
+                              devices=n, progress=False) for n in (1, 4))
+    assert (one.devices, four.devices) == (1, 4)
+    for field in ("initial_weights", "final_weights", "final_params", "final_loss", "trajectories"):
+        chex.assert_trees_all_close(getattr(four, field), getattr(one, field), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(four.outcome, one.outcome)
+    np.testing.assert_array_equal(four.converged_at, one.converged_at)
+
+
+@four_devices
+def test_four_devices_train_step_on_a_sharded_batch():
+    model, optimizer = L1Norm(), optax.adam(0.1)
+    step = make_train_step(model, optimizer)
+    mesh = device_mesh(4)
+    alone = init_state(model, optimizer, jax.random.key(3), l1_data(jax.random.key(0), 8))
+    spread = replicate(alone, mesh)
+    for i in range(20):
+        batch = l1_data(jax.random.key(i), 8)
+        alone, alone_metrics = step(alone, batch)
+        spread, spread_metrics = step(spread, shard_leading_axis(batch, mesh))
+    weights = spread.params["params"]["cell"]["W_ih"]
+    assert len(weights.sharding.device_set) == 4 and weights.sharding.is_fully_replicated
+    chex.assert_trees_all_close(spread.params, alone.params, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(spread_metrics, alone_metrics, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"divisible by the 4 devices; received shape \(6, 10\)"):
+        shard_leading_axis(l1_data(jax.random.key(0), 6), mesh)
