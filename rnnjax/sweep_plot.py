@@ -64,7 +64,7 @@ def plot_sweep(
     if landscape is not None:
         _draw_landscape(axes[0][-1], result, landscape, plane)
     fig.suptitle(title or f"{len(result.seeds)} seeds, {result.steps} steps")
-    fig.savefig(file, format="png", dpi=100)
+    fig.savefig(file, format="png", dpi=80)
     plt.close(fig)
 
 

@@ -1,0 +1,282 @@
+"""Seed sweeps: how often each recipe trains each task, over 1,000 random inits, and how much
+faster a sweep is than calling ``fit`` once per seed.
+
+    python benchmarks/sweeps.py rates [--seeds 1000] [--tasks ...] [--recipes ...] [--tols ...]
+    python benchmarks/sweeps.py speed [--seeds 1000] [--fit-seeds 20] [--task l1] [--recipe squared]
+
+``rates`` writes rates.json, rates.md and one PNG per task and recipe; ``speed`` writes
+speed.json and speed.md; both under ``--out`` (default benchmarks/results/sweeps).
+benchmarks/SWEEPS.md explains the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import machine  # noqa: E402
+
+from rnnjax.data import count_batch, l1_batch  # noqa: E402
+from rnnjax.models import L1Norm, L1NormLearned, RunningCount  # noqa: E402
+from rnnjax.recipes import RECIPES, Recipe, sweep_recipe  # noqa: E402
+from rnnjax.runs import write_atomically  # noqa: E402
+from rnnjax.sweep import SweepResult, loss_landscape, summarize, weight_elements  # noqa: E402
+from rnnjax.sweep_plot import plot_sweep  # noqa: E402
+from rnnjax.train import fit  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "sweeps"
+
+
+class SweepTask(NamedTuple):
+    model: Any
+    batch: Callable[[jax.Array, int], Any]  # (key, batch_size) -> Batch
+    watch: Callable[[Any], dict]  # network weights -> the numbers that must reach 1
+    landscape_model: Any  # a scalar-cell network computing the same function for the plot
+    plane: tuple[str, str]  # trajectories drawn on the landscape
+
+
+TASKS = {
+    "l1": SweepTask(L1Norm(), lambda key, n: l1_batch(key, n, 10), weight_elements, L1Norm(),
+                    ("cell/W_ih", "cell/W_hh")),
+    "count": SweepTask(RunningCount(), lambda key, n: count_batch(key, n, 5), weight_elements,
+                       RunningCount(), ("cell/W_ih", "cell/W_hh")),
+    # with slope_pos = slope_neg = s it computes what L1Norm does with W_ih = s
+    "l1-learned": SweepTask(L1NormLearned(), lambda key, n: l1_batch(key, n, 10),
+                            L1NormLearned.function_weights, L1Norm(), ("mean slope", "cell/W_hh")),
+}
+
+
+def _square_recurrent_too(params):
+    """W_ih = v*v and W_hh = u*u: both weights non-negative."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, w: w * w if getattr(path[-2], "key", None) == "cell" else w, params)
+
+
+# Recipes measured on the way to "squared" (benchmarks/SWEEPS.md); not offered by the library.
+VARIANTS = {
+    "fresh-b2": RECIPES["notebook"]._replace(  # main's train default before issue 8
+        name="fresh-b2", summary="Adam lr 0.1, b2 0.9999, a fresh batch each step",
+        b2=0.9999, fresh_batches=True),
+    "squared-constant-lr": RECIPES["squared"]._replace(
+        name="squared-constant-lr", summary="squared without the cosine decay", decay=False),
+    "squared-fixed-batch": RECIPES["squared"]._replace(
+        name="squared-fixed-batch", summary="squared on one fixed batch per run",
+        fresh_batches=False),
+    "squared-both": RECIPES["squared"]._replace(
+        name="squared-both", summary="squared, and W_hh = u*u too", transform=_square_recurrent_too),
+}
+
+
+class WithGradientNoise(NamedTuple):
+    """A recipe with Gaussian noise added to every gradient (``optax.add_noise``: variance
+    ``eta / (1 + step) ** gamma``), to shake runs out of flat traps; measured on l1-learned."""
+
+    base: Recipe
+    eta: float
+    gamma: float
+
+    def __getattr__(self, name):  # everything else as the base recipe has it
+        return getattr(self.base, name)
+
+    @property
+    def name(self):
+        return f"{self.base.name}-noise"
+
+    @property
+    def summary(self):
+        return f"{self.base.summary}; gradient noise eta {self.eta:g}, gamma {self.gamma:g}"
+
+    def optimizer(self, steps=None, lr=None):
+        return optax.chain(optax.add_noise(self.eta, self.gamma, 0), self.base.optimizer(steps, lr))
+
+
+VARIANTS["squared-noise"] = WithGradientNoise(RECIPES["squared"], eta=0.1, gamma=0.55)
+ALL_RECIPES = {**RECIPES, **VARIANTS}
+
+
+def run_sweep(task: str, recipe: Recipe, seeds: int, tol: float, **kwargs) -> SweepResult:
+    spec = TASKS[task]
+    result = sweep_recipe(recipe, spec.model, spec.batch, seeds=seeds, watch=spec.watch, tol=tol,
+                          **kwargs)
+    if task == "l1-learned":
+        slopes = [result.trajectories[k] for k in ("slope_pos", "slope_neg")]
+        result.trajectories["mean slope"] = (slopes[0] + slopes[1]) / 2
+    return result
+
+
+def describe(task: str, result: SweepResult) -> dict:
+    """The summary, and for l1-learned how the outcome splits by the init's dense layer."""
+    summary = summarize(result)
+    summary["exactly_1_at_end"] = float(np.mean(np.all(
+        [w == result.target for w in result.final_weights.values()], axis=0)))
+    if task == "l1-learned":
+        initial = result.initial_weights
+        both_ways = (initial["slope_pos"] > 0) & (initial["slope_neg"] > 0)
+        converged = result.outcome == "converged"
+        final = result.final_weights
+        # under "squared" the cell's input weights are >= 0, so this means one dense unit faces
+        # x > 0 and the other x < 0
+        summary["both_slopes_positive_at_init"] = int(both_ways.sum())
+        summary["converged_of_those"] = int((converged & both_ways).sum())
+        summary["converged_of_the_others"] = int((converged & ~both_ways).sum())
+        summary["failed_with_a_zero_slope"] = int(
+            (~converged & ((final["slope_pos"] == 0) | (final["slope_neg"] == 0))).sum())
+    return summary
+
+
+def plot(task: str, recipe: str, result: SweepResult, out: Path) -> Path:
+    spec = TASKS[task]
+    x, y = np.linspace(-1.5, 3.0, 91), np.linspace(-1.5, 2.0, 71)
+    loss = loss_landscape(spec.landscape_model, spec.batch(jax.random.key(0), 1024), x, y)
+    path = out / f"{task}-{recipe}.png"
+    title = (f"{task}, recipe {recipe}: {len(result.seeds)} seeds, {result.steps} steps "
+             f"(landscape: loss on 1,024 sequences)")
+    write_atomically(path, lambda f: plot_sweep(result, f, landscape=(x, y, loss),
+                                                plane=spec.plane, title=title))
+    return path
+
+
+def rates(args) -> None:
+    rows = []
+    for task in args.tasks:
+        for name in args.recipes:
+            for tol in args.tols:
+                result = run_sweep(task, ALL_RECIPES[name], args.seeds, tol, steps=args.steps,
+                                   progress=not args.quiet)
+                row = {"task": task, "recipe": name, "summary_of_recipe": ALL_RECIPES[name].summary,
+                       "tol": tol, **describe(task, result)}
+                if tol == args.tols[0] and not args.no_plots:
+                    row["plot"] = plot(task, name, result, args.out).name
+                rows.append(row)
+                print(f"{task:10s} {name:20s} tol {tol:g}: converged {row['fractions']['converged']:.1%}, "
+                      f"within tol at the end {row['within_tol_at_end']:.1%}, "
+                      f"{row['seeds_per_second']:.0f} seeds/s", flush=True)
+    info = machine()
+    report = {"machine": info, "command": " ".join(sys.argv), "rows": rows}
+    write_atomically(args.out / "rates.json", lambda f: json.dump(report, f, indent=1), mode="w")
+    write_atomically(args.out / "rates.md", lambda f: f.write(rates_markdown(rows, info)), mode="w")
+
+
+def rates_markdown(rows: list[dict], info: dict) -> str:
+    lines = [f"Machine: {info['cpu']}, {info['cpu_count']} cores, jax {info['jax']}, {info['date']}.", "",
+             "| task | recipe | tol | converged | dead | stuck | diverged | within tol at the end "
+             "| steps to converge: median (p90, max) | seeds/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f, s = r["fractions"], r["steps_to_converge"]
+        steps = "—" if s["median"] is None else f"{s['median']:.0f} ({s['p90']:.0f}, {s['max']:.0f})"
+        lines.append(
+            f"| {r['task']} | {r['recipe']} | {r['tol']:g} | {r['counts']['converged']} / {r['seeds']} "
+            f"({f['converged']:.1%}) | {f['dead']:.1%} | {f['stuck']:.1%} | {f['diverged']:.1%} "
+            f"| {r['within_tol_at_end']:.1%} | {steps} | {r['seeds_per_second']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def speed(args) -> None:
+    recipe, spec = RECIPES[args.recipe], TASKS[args.task]
+    steps = args.steps or recipe.steps
+    began = time.perf_counter()
+    result = run_sweep(args.task, recipe, args.seeds, 1e-3, steps=steps, data_seed=args.data_seed,
+                       progress=not args.quiet)
+    sweep_wall = time.perf_counter() - began
+
+    network, optimizer = recipe.network(spec.model), recipe.optimizer(steps)
+    # fit draws the batches of its own seed (the sweep's with --data-seed none): the same work
+    if recipe.fresh_batches:  # one function for every call, so that fit can reuse its compilation
+        draw = lambda key: spec.batch(key, recipe.batch_size)  # noqa: E731
+        data_for = lambda seed: draw  # noqa: E731
+    else:  # the batch the sweep's seed trains on throughout
+        data_for = lambda seed: spec.batch(  # noqa: E731
+            jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], 0), recipe.batch_size)
+    calls = []
+    for seed in range(args.fit_seeds):
+        began = time.perf_counter()
+        fitted = fit(network, optimizer, data_for(seed), seed=seed, max_steps=steps, progress=False)
+        jax.block_until_ready(fitted.state)
+        calls.append({"seed": seed, "seconds": time.perf_counter() - began, "steps": fitted.steps,
+                      "stop_reason": fitted.stop_reason})
+    full = [c["seconds"] for c in calls if c["steps"] == steps]
+    report = {
+        "machine": machine(), "command": " ".join(sys.argv), "task": args.task, "recipe": args.recipe,
+        "steps": steps, "devices": result.devices, "data_seed": args.data_seed,
+        "sweep": {"seeds": args.seeds, "wall_seconds": sweep_wall, "train_seconds": result.seconds,
+                  "compile_seconds": result.compile_seconds,
+                  "seconds_per_seed": sweep_wall / args.seeds},
+        "fit": {"calls": calls, "first_call_seconds": calls[0]["seconds"],
+                "median_seconds": statistics.median(full[1:] or full),
+                "mean_seconds": statistics.mean(full)},
+    }
+    per_seed = report["sweep"]["seconds_per_seed"]
+    report["ratio_per_seed"] = {
+        "fit_median_over_sweep": report["fit"]["median_seconds"] / per_seed,
+        "fit_mean_over_sweep": report["fit"]["mean_seconds"] / per_seed,
+    }
+    name = "speed" if args.data_seed is None else "speed-shared-data"
+    write_atomically(args.out / f"{name}.json", lambda f: json.dump(report, f, indent=1), mode="w")
+    write_atomically(args.out / f"{name}.md", lambda f: f.write(speed_markdown(report)), mode="w")
+    print(speed_markdown(report))
+
+
+def speed_markdown(r: dict) -> str:
+    s, f, m = r["sweep"], r["fit"], r["machine"]
+    ratio = r["ratio_per_seed"]["fit_median_over_sweep"]
+    return "\n".join([
+        f"Machine: {m['cpu']}, {m['cpu_count']} cores, jax {m['jax']}, {r['devices']} device(s), {m['date']}.",
+        f"Task {r['task']}, recipe {r['recipe']}, {r['steps']} steps per seed (both sides train every step); "
+        + ("each seed draws its own batches." if r["data_seed"] is None
+           else f"the sweep's seeds share the batches of seed {r['data_seed']}."),
+        "",
+        "| | seeds | wall s | s per seed |",
+        "|---|---|---|---|",
+        f"| sweep (one program; compile {s['compile_seconds']:.2f} s included) | {s['seeds']} "
+        f"| {s['wall_seconds']:.2f} | {s['seconds_per_seed'] * 1e3:.2f} ms |",
+        f"| fit, once per seed (median of calls 2-{len(f['calls'])}; first call {f['first_call_seconds']:.2f} s) "
+        f"| {len(f['calls'])} | {sum(c['seconds'] for c in f['calls']):.2f} | {f['median_seconds'] * 1e3:.1f} ms |",
+        "",
+        f"Per seed, the sweep is {ratio:,.0f}x faster than fit (target >= 100x: "
+        f"{'met' if ratio >= 100 else 'MISSED'}).",
+        "",
+    ])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("rates", help="convergence rates of each recipe on each task")
+    p.add_argument("--seeds", type=int, default=1000)
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    p.add_argument("--recipes", nargs="+", choices=list(ALL_RECIPES), default=list(RECIPES))
+    p.add_argument("--tols", nargs="+", type=float, default=[1e-3, 1e-9],
+                   help="convergence tolerances; 1e-9 asks for exactly 1.0 in float32")
+    p.add_argument("--steps", type=int, help="steps per seed (default: each recipe's)")
+    p.add_argument("--no-plots", action="store_true", help="write no PNGs")
+    p.set_defaults(run=rates)
+    p = commands.add_parser("speed", help="a sweep against fit once per seed")
+    p.add_argument("--seeds", type=int, default=1000)
+    p.add_argument("--fit-seeds", type=int, default=20)
+    p.add_argument("--task", choices=list(TASKS), default="l1")
+    p.add_argument("--recipe", choices=list(RECIPES), default="squared")
+    p.add_argument("--steps", type=int, help="steps per seed (default: the recipe's)")
+    p.add_argument("--data-seed", type=int, help="the sweep's seeds share this seed's batches")
+    p.set_defaults(run=speed)
+    for p in commands.choices.values():
+        p.add_argument("--out", type=Path, default=OUT)
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
