@@ -18,10 +18,10 @@ inputs as the sequential loop's, evaluated in another order.
 wherever the sequential loop's states stay below ``1e30``, every state is finite and within
 
     |h_t - exact_t| <= K * eps * max_{s <= t} |w|^(t - s) * (|w * h_{s-1}| + |u_s|)
-                       + K * eps * (1 + h_t) + T * tiny
+                       + K * tiny * (1 + max_s h_s)
 
 of the exact (float64) recurrence on the same inputs, where ``K = 8 * (block_size +
-16 * levels)``, ``eps`` is the dtype's machine epsilon and ``tiny`` its smallest normal
+16 * levels(T, block_size))``, ``eps`` is the dtype's machine epsilon and ``tiny`` its smallest normal
 number: a sum of magnitudes along one path of the computation, not of all steps. The
 sequential loop's own error grows with ``T`` instead (every step rounds its total); at ``T =
 1e8`` the L1 norm it returns is 46% off in float32, this one 2e-8 (benchmarks/NOTES.md).
@@ -64,19 +64,20 @@ import jax.numpy as jnp
 from rnnjax import ramps
 from rnnjax.masking import length_mask
 
-__all__ = ["relu_scan", "default_block_size"]
+__all__ = ["relu_scan", "default_block_size", "levels"]
 
-# Steps per block on each backend, from benchmarks/NOTES.md ("Block size"). Higher levels
-# group the blocks' maps UPPER_BLOCK_SIZE at a time.
-_BLOCK_SIZE = {"cpu": 64}
-_ACCELERATOR_BLOCK_SIZE = 32
+# Steps per block: on a CPU 64 up to 2**15 steps and 128 beyond (benchmarks/NOTES.md, "Block
+# size"); on an accelerator 32, not yet measured. Higher levels group UPPER_BLOCK_SIZE blocks.
+_LONG = 2**15
+_BLOCK_SIZE = {"cpu": (64, 128)}
+_ACCELERATOR_BLOCK_SIZE = (32, 32)
 UPPER_BLOCK_SIZE = 16
 
 
 def default_block_size(time: int, backend: str | None = None) -> int:
     """Returns the block size ``relu_scan`` uses for sequences of ``time`` steps on ``backend``."""
-    size = _BLOCK_SIZE.get(backend or jax.default_backend(), _ACCELERATOR_BLOCK_SIZE)
-    return max(1, min(size, time))
+    short, long = _BLOCK_SIZE.get(backend or jax.default_backend(), _ACCELERATOR_BLOCK_SIZE)
+    return max(1, min(long if time > _LONG else short, time))
 
 
 # ----------------------------------------------------------------------------------------------
