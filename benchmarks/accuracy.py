@@ -35,10 +35,12 @@ UNIT_WEIGHTS = {"params": {"cell": {"W_ih": jnp.ones((1, 1)), "W_hh": jnp.ones((
 TARGET = 1e-6
 
 
-def measure(lengths, seeds) -> list[dict]:
+def measure(lengths, seeds, bar=None) -> list[dict]:
+    """One row per (length, seed, method); advances ``bar`` (a tqdm) by one per row if given."""
     rows = []
     forwards = {m: jax.jit(L1Norm(method=m).apply) for m in METHODS}
-    with tqdm(total=len(lengths) * len(seeds) * len(METHODS), unit="run") as bar:
+    with tqdm(total=len(lengths) * len(seeds) * len(METHODS), unit="run", disable=bar is not None) as own:
+        bar = bar or own
         for length in lengths:
             for seed in seeds:
                 xs = np.random.default_rng(seed).standard_normal((1, length), dtype=np.float32)
@@ -59,8 +61,13 @@ def measure(lengths, seeds) -> list[dict]:
 
 def markdown(rows, info) -> str:
     out = [f"Machine: {info['cpu']}, {info['cpu_count']} cores ({info['backend']}); "
-           f"jax {info['jax']}; {info['date']}.", "",
-           "Largest relative error of the L1 norm over the seeds, float32, both weights 1 "
+           f"jax {info['jax']}; {info['date']}.", ""] + table(rows)
+    return "\n".join(out) + "\n"
+
+
+def table(rows) -> list[str]:
+    """The markdown table of ``measure``'s rows: worst error per length and method."""
+    out = ["Largest relative error of the L1 norm over the seeds, float32, both weights 1 "
            f"(target {TARGET:g}); median ms of one call in brackets.", "",
            "| T | sequential | parallel | auto (picks) |", "|---|---|---|---|"]
     for length in sorted({r["time"] for r in rows}):
@@ -73,7 +80,7 @@ def markdown(rows, info) -> str:
             picked = f", {mine[0]['picked']}" if method == "auto" else ""
             cells.append(f"{worst:.1e}{mark} ({ms:.3g} ms{picked})")
         out.append(f"| {length:.0e} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+    return out
 
 
 def main(argv=None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy  # noqa: E402
 import baselines  # noqa: E402
 from timing import machine, measure  # noqa: E402
 
@@ -70,34 +72,32 @@ def skip_reason(name, mode, time, batch, previous, args) -> str | None:
     return None
 
 
-def run_grid(args) -> list[dict]:
+def run_grid(args, bar) -> list[dict]:
     rows = []
-    grid = [(name, batch) for name in args.implementations for batch in args.batches]
-    with tqdm(total=len(grid) * len(args.lengths) * len(MODES), unit="config") as bar:
-        for name, batch in grid:
-            previous = {mode: None for mode in MODES}  # (time, median ms) of the last one measured
-            for time in sorted(args.lengths):
-                reasons = {m: skip_reason(name, m, time, batch, previous[m], args) for m in MODES}
-                closures = None
-                for mode_index, mode in enumerate(MODES):
-                    row = {"implementation": name, "mode": mode, "time": time, "batch": batch}
-                    if reasons[mode] is None:
-                        if closures is None:
-                            xs, targets = baselines.problem(time, batch)
-                            closures = IMPLEMENTATIONS[name](xs, targets)
-                        fn, sync = closures[mode_index], closures[2]
-                        try:
-                            row.update(measure(fn, budget_s=args.budget_s, sync=sync))
-                            previous[mode] = (time, row["median_ms"])
-                        except Exception as e:  # out of memory, or a backend refusing the size
-                            row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                    else:
-                        row["skipped"] = reasons[mode]
-                    rows.append(row)
-                    shown = f"{row['median_ms']:10.3f} ms" if "median_ms" in row else f"skipped ({row['skipped']})"
-                    bar.write(f"{name:24s} {mode:7s} T={time:<8d} B={batch:<6d} {shown}")
-                    bar.update()
-                del closures
+    for name, batch in itertools.product(args.implementations, args.batches):
+        previous = {mode: None for mode in MODES}  # (time, median ms) of the last one measured
+        for time in sorted(args.lengths):
+            reasons = {m: skip_reason(name, m, time, batch, previous[m], args) for m in MODES}
+            closures = None
+            for mode_index, mode in enumerate(MODES):
+                row = {"implementation": name, "mode": mode, "time": time, "batch": batch}
+                if reasons[mode] is None:
+                    if closures is None:
+                        xs, targets = baselines.problem(time, batch)
+                        closures = IMPLEMENTATIONS[name](xs, targets)
+                    fn, sync = closures[mode_index], closures[2]
+                    try:
+                        row.update(measure(fn, budget_s=args.budget_s, sync=sync))
+                        previous[mode] = (time, row["median_ms"])
+                    except Exception as e:  # out of memory, or a backend refusing the size
+                        row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                else:
+                    row["skipped"] = reasons[mode]
+                rows.append(row)
+                shown = f"{row['median_ms']:10.3f} ms" if "median_ms" in row else f"skipped ({row['skipped']})"
+                bar.write(f"{name:24s} {mode:7s} T={time:<8d} B={batch:<6d} {shown}")
+                bar.update()
+            del closures
     return rows
 
 
@@ -178,7 +178,18 @@ def check_targets(rows, info, memory=None) -> list[str]:
     return lines
 
 
-def markdown(rows, info, targets) -> str:
+def accuracy_targets(errors) -> list[str]:
+    """The accuracy target: auto's L1 norm within 1e-6 of the float64 sum at each length."""
+    lines = []
+    for row in errors:
+        if row["method"] == "auto":
+            ok = row["relative_error"] <= accuracy.TARGET
+            lines.append(f"- L1 norm T={row['time']:.0e} B=1, auto ({row['picked']}): relative error "
+                         f"{row['relative_error']:.1e} (target <= 1e-6): {'met' if ok else 'MISSED'}")
+    return lines
+
+
+def markdown(rows, info, targets, errors=()) -> str:
     names = [n for n in IMPLEMENTATIONS if any(r["implementation"] == n for r in rows)]
     baselines_shown = [n for n in names if n not in (SEQUENTIAL, PARALLEL)]
     out = [f"Machine: {info['device']} ({info['backend']}); CPU {info['cpu']}, {info['cpu_count']} cores; "
@@ -221,6 +232,9 @@ def markdown(rows, info, targets) -> str:
                 row = next(r for r in rows if (r["implementation"], r["mode"], r["time"], r["batch"]) == (n, mode, time, batch))
                 cells.append(f"{row['first_call_ms']:.0f}" if "first_call_ms" in row else "—")
             out.append(f"| {time:.0e} | {batch} | {mode} | " + " | ".join(cells) + " |")
+    if errors:
+        out += ["", "### accuracy (L1 norm, both weights 1, N(0, 1) inputs, batch 1)", ""]
+        out += accuracy.table(errors)
     out += ["", "Skipped:"] + [f"- {mark}: {reason}" for reason, mark in skipped.items()]
     out += ["", "Targets:"] + targets
     return "\n".join(out) + "\n"
@@ -258,6 +272,8 @@ def main(argv=None) -> None:
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
     parser.add_argument("--budget-s", type=float, default=0.5, help="timing budget per configuration")
     parser.add_argument("--max-call-s", type=float, default=2.0, help="skip calls predicted slower than this")
+    parser.add_argument("--accuracy-lengths", type=int, nargs="*", default=[10**6, 10**7, 10**8],
+                        help="lengths at which the L1 norm's accuracy is checked (batch 1)")
     parser.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                         help="skip compiling the T=1e5, batch 1024 training step for its memory")
     parser.add_argument("--memory-gb", type=float, default=6.0, help="skip configurations needing more")
@@ -270,13 +286,20 @@ def main(argv=None) -> None:
     if on_gpu:
         info["bandwidth_gbs"] = copy_bandwidth_gbs()
     print(json.dumps(info))
-    rows = run_grid(args)
-    memory = compiled_memory_gb(*MEMORY_CHECK) if args.memory_check else None
+    total = (len(args.implementations) * len(args.batches) * len(args.lengths) * len(MODES)
+             + len(args.accuracy_lengths) * len(accuracy.METHODS) + args.memory_check)
+    with tqdm(total=total, unit="step", desc="make bench") as bar:
+        rows = run_grid(args, bar)
+        errors = accuracy.measure(args.accuracy_lengths, [0], bar)
+        memory = None
+        if args.memory_check:
+            memory = compiled_memory_gb(*MEMORY_CHECK)
+            bar.update()
     add_ratios(rows)
-    targets = check_targets(rows, info, memory)
-    table = markdown(rows, info, targets)
+    targets = check_targets(rows, info, memory) + accuracy_targets(errors)
+    table = markdown(rows, info, targets, errors)
     report = json.dumps({"machine": info, "results": rows, "compiled_memory_gb": memory,
-                         "targets": targets}, indent=1)
+                         "accuracy": errors, "targets": targets}, indent=1)
     write_atomically(args.out / "results.json", lambda f: f.write(report), mode="w")
     write_atomically(args.out / "results.md", lambda f: f.write(table), mode="w")
     plot(rows, args.out / "time_vs_length.png")

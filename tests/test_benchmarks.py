@@ -14,7 +14,7 @@ import suite  # noqa: E402
 
 def test_suite_writes_json_markdown_and_plot(tmp_path, capsys):
     suite.main(["--lengths", "20", "300", "--batches", "2", "--budget-s", "0.01",
-                "--no-memory-check", "--out", str(tmp_path)])
+                "--accuracy-lengths", "300", "--no-memory-check", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["machine"]["backend"] == "cpu" and report["machine"]["cpu_count"] >= 1
     rows = report["results"]
@@ -29,7 +29,8 @@ def test_suite_writes_json_markdown_and_plot(tmp_path, capsys):
             assert row["ratio_to_rnnjax"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "### forward" in table and "### train" in table and "rnnjax sequential ms" in table
-    assert "parallel / sequential" in table
+    assert "parallel / sequential" in table and "### accuracy" in table
+    assert report["accuracy"] and "L1 norm T=3e+02 B=1, auto (parallel)" in report["targets"][-1]
     assert (tmp_path / "time_vs_length.png").read_bytes()[:4] == b"\x89PNG"
 
 
