@@ -1,5 +1,3 @@
-import sys
+from rnnjax.cli import script
 
-from rnnjax.cli import main
-
-sys.exit(main())
+script()
