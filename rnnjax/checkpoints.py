@@ -50,10 +50,6 @@ def _arrays(result: FitResult, seed: int) -> dict[str, Any]:
     return arrays
 
 
-class _Mismatch(Exception):
-    """The saved arrays are not those of the template."""
-
-
 def _shapes(tree) -> dict[str, tuple]:
     """Returns each leaf's path, e.g. "train_state.params.params.cell.W_ih", with its shape and
     dtype; for orbax's metadata of a saved tree as for the tree itself."""
@@ -148,26 +144,13 @@ def restore_checkpoint(folder: str | os.PathLike, step: int, template: FitResult
     Returns:
       A ``FitResult`` with stop_reason "running" and ``template.initial_params``.
     """
-    import orbax.checkpoint as ocp
-
     folder, info = Path(folder), checkpoint_info(folder, step)
     where = folder / str(step)
     history = {k: np.zeros(step, v.dtype) for k, v in template.history.items()}
     target = _arrays(template._replace(steps=step, history=history), info["seed"])
-    try:
-        manager = _manager(folder)
-        saved = _shapes(manager.item_metadata(step)["state"].tree)
-        if saved != _shapes(target):
-            raise _Mismatch
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))["state"]
-        manager.close()
-    except _Mismatch:
-        raise ValueError(f"{where}: its arrays do not fit this network and optimizer "
-                         "(a checkpoint of another model or settings)") from None
-    except Exception as e:  # orbax and tensorstore raise many kinds; each means the same here
-        message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ValueError(f"{where}: cannot be read ({type(e).__name__}: {message})") from None
+    restored, failure = _read(folder, step, target)
+    if failure:
+        raise ValueError(f"{where}: {failure}")
     if _shapes(restored) != _shapes(target):
         raise ValueError(f"{where}: its arrays do not fit this network and optimizer")
     if _digest(restored, info) != info["sha256"]:
@@ -176,6 +159,24 @@ def restore_checkpoint(folder: str | os.PathLike, step: int, template: FitResult
         raise ValueError(f"{where}: damaged checkpoint (its data key or step disagrees with its seed or folder)")
     return FitResult(restored["train_state"], template.initial_params, step, "running",
                      restored.get("history", history))
+
+
+def _read(folder: Path, step: int, target: dict) -> tuple[dict | None, str | None]:
+    """Returns ``(arrays, None)`` restored into ``target``'s structure, or ``(None, why not)``."""
+    import orbax.checkpoint as ocp
+
+    manager = _manager(folder)
+    try:
+        if _shapes(manager.item_metadata(step)["state"].tree) != _shapes(target):
+            return None, "its arrays do not fit this network and optimizer (a checkpoint of another model or settings)"
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return restored["state"], None
+    except Exception as e:  # orbax and tensorstore raise many kinds; each means the same here
+        message = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        failure = f"cannot be read ({type(e).__name__}: {message})"
+    finally:
+        manager.close()
+    return None, failure
 
 
 def delete_checkpoints(folder: str | os.PathLike) -> None:
