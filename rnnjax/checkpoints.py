@@ -86,6 +86,23 @@ def save_checkpoint(folder: str | os.PathLike, result: FitResult, *, seed: int, 
 
     Returns:
       The step's folder.
+
+    Example:
+      >>> import tempfile, optax
+      >>> from rnnjax import RunningCount
+      >>> from rnnjax.data import count_batch
+      >>> from rnnjax.train import fit, fit_start
+      >>> draw = lambda key: count_batch(key, 8, 5)
+      >>> result = fit(RunningCount(), optax.adam(0.1), draw, seed=3, max_steps=30, progress=False)
+      >>> folder = tempfile.mkdtemp()
+      >>> save_checkpoint(folder, result, seed=3, run={"note": "30 steps"}).name
+      '30'
+      >>> template = fit_start(RunningCount(), optax.adam(0.1), draw, seed=3)
+      >>> restored = restore_checkpoint(folder, 30, template)
+      >>> restored.steps, bool((restored.history["loss"] == result.history["loss"]).all())
+      (30, True)
+      >>> checkpoint_info(folder, 30)["run"]
+      {'note': '30 steps'}
     """
     import orbax.checkpoint as ocp
 

@@ -116,6 +116,10 @@ def _read_text(path: Path, suffix: str, bits: bool) -> np.ndarray:
     return np.asarray([v for _, row in rows for v in row], np.float64)
 
 
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def _fields(line: str, suffix: str):
     """Yields ``(token, column)`` for each field of a line: comma-separated in a .csv (blanks
     around a field ignored), blank-separated in a .txt; columns count characters from 1."""
@@ -139,10 +143,11 @@ def _read_npy(path: Path, bits: bool) -> np.ndarray:
         f.seek(0)
         try:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                version, np.lib.format.read_array_header_2_0)  # 2.0 and 3.0 differ only in encoding
             shape, _, dtype = read_header(f)
         except (ValueError, EOFError, OSError) as e:
-            raise ValueError(f"{path}: damaged .npy header ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise ValueError(f"{path}: damaged .npy header ({_first_line(e)})") from None
         data_bytes = os.fstat(f.fileno()).st_size - f.tell()
     if dtype.hasobject:
         raise ValueError(f"{path}: holds Python objects (dtype {dtype}); expected an array of numbers")
@@ -152,11 +157,12 @@ def _read_npy(path: Path, bits: bool) -> np.ndarray:
         raise ValueError(f"{path}: expected one sequence; received an array of shape {shape}")
     needed = math.prod(shape) * dtype.itemsize
     if data_bytes < needed:
-        raise ValueError(f"{path}: cut short: its header promises {needed} bytes of data; it holds {data_bytes}")
+        raise ValueError(f"{path}: cut short: its header promises {needed} bytes of data; "
+                         f"it holds {data_bytes}")
     try:
         values = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: damaged .npy file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise ValueError(f"{path}: damaged .npy file ({_first_line(e)})") from None
     values = values.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
         as_float = values.astype(np.float64)

@@ -29,8 +29,8 @@ from rnnjax.recurrence import resolve_method
 from rnnjax.tasks import DEAD_SEED_TRIES, TASKS, task_settings, task_start, train_until_live
 from rnnjax.train import CONVERGED, STOP_REASONS, FitResult, weights_by_path
 
-__all__ = ["CHECKPOINTS", "METRICS", "PLOT", "CHECKPOINT_EVERY", "Run", "LoadedRun", "write_atomically", "prepare_run_folder",
-           "train_run", "load_run"]
+__all__ = ["CHECKPOINTS", "METRICS", "PLOT", "CHECKPOINT_EVERY", "Run", "LoadedRun", "write_atomically",
+           "prepare_run_folder", "train_run", "load_run"]
 
 CHECKPOINTS, METRICS, PLOT = "checkpoints", "metrics.json", "training.png"
 CHECKPOINT_EVERY = 1000  # steps; a save takes 50-300 ms on a 2-core CPU, 1000 steps about 0.4 s
@@ -234,6 +234,19 @@ def train_run(
 
     Returns:
       A ``Run``.
+
+    Example:
+      >>> import tempfile, pathlib
+      >>> out = pathlib.Path(tempfile.mkdtemp()) / "run"
+      >>> run = train_run("count", given={"steps": 40}, out=out, checkpoint_every=20)
+      >>> run.dead_seeds, run.seed, run.result.stop_reason  # seeds 0-2 draw a dead ReLU
+      ([0, 1, 2], 3, 'budget')
+      >>> sorted(p.name for p in out.iterdir()), [p.name for p in sorted((out / "checkpoints").iterdir())]
+      (['checkpoints', 'metrics.json', 'training.png'], ['20', '40'])
+      >>> train_run("count", given={"steps": 300}, out=out, resume=True).result[2:4]
+      (239, 'weights')
+      >>> load_run(out, "count").converged
+      True
     """
     given = {k: v for k, v in (given or {}).items() if v is not None}
     out = None if out is None else Path(out)
@@ -274,7 +287,7 @@ def train_run(
     if result.stop_reason != "interrupted":
         from rnnjax.plot import plot_training  # matplotlib loads only when a run is saved
 
-        metrics = json.dumps(run_metrics(run), indent=1, allow_nan=False)
+        metrics = json.dumps(_run_metrics(run), indent=1, allow_nan=False)
         write_atomically(out / METRICS, lambda f: f.write(metrics), mode="w")
         write_atomically(out / PLOT, lambda f: plot_training(result.history, f, title=task))
         paths += [out / METRICS, out / PLOT]
@@ -288,7 +301,7 @@ def _finite_or_none(values: np.ndarray) -> list:
     return [v.item() if v.dtype == bool or np.isfinite(v) else None for v in np.asarray(values)]
 
 
-def run_metrics(run: Run) -> dict:
+def _run_metrics(run: Run) -> dict:
     """Returns ``metrics.json``'s contents: every setting used, the outcome, and the history."""
     result = run.result
     loss = result.history["loss"]

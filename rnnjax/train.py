@@ -292,13 +292,11 @@ def fit(
       ...     progress=False)[2:4]  # the first step overflows: the init is returned
       (0, 'diverged')
     """
-    sizes = {"max_steps": max_steps, "sync_every": sync_every, "dead_steps": dead_steps,
-             "checkpoint_every": 1 if checkpoint_every is None else checkpoint_every}
-    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in sizes.values()):
-        raise ValueError(f"{', '.join(sizes)} must be positive integers; received "
-                         f"{', '.join(repr(v) for v in sizes.values())}.")
-    if isinstance(skip_nonfinite, bool) or not isinstance(skip_nonfinite, (int, np.integer)) or skip_nonfinite < 0:
-        raise ValueError(f"skip_nonfinite must be an integer >= 0; received {skip_nonfinite!r}.")
+    for name, value, low in [("max_steps", max_steps, 1), ("sync_every", sync_every, 1), ("dead_steps", dead_steps, 1),
+                             ("checkpoint_every", 1 if checkpoint_every is None else checkpoint_every, 1),
+                             ("skip_nonfinite", skip_nonfinite, 0)]:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}; received {value!r}.")
     if start is None:
         start = fit_start(model, optimizer, data, seed=seed, skip_nonfinite=skip_nonfinite)
     if start.steps > max_steps:

@@ -90,46 +90,40 @@ def test_eval_on_a_long_random_sequence(l1_run, capsys):
     assert error < 1e-5
 
 
-def bad(tmp_path, name, content):
-    path = tmp_path / name
-    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
-    return str(path)
-
-
-def npz(tmp_path):
-    path = tmp_path / "archive.npy"
-    with open(path, "wb") as f:
-        np.savez(f, a=np.ones(3))
-    return str(path)
-
-
-# The issue's table, row by row, and more: one line naming the flag or file, exit 2.
-@pytest.mark.parametrize("task, make_args, match", [
-    ("l1", lambda tmp: ["--input", str(tmp / "missing.csv")], r"--input \S+missing.csv: no such file$"),
-    ("l1", lambda tmp: ["--input", bad(tmp, "x.csv", "1\nabc\n")], r"x.csv: line 2, column 1: 'abc' is not a number$"),
-    ("l1", lambda tmp: ["--input", bad(tmp, "x.txt", "1e39")], r"x.txt: line 1, column 1: 1e39 is beyond float32's range"),
-    ("l1", lambda tmp: ["--input", bad(tmp, "x.npy", os.urandom(64))], r"x.npy: not a .npy file \(it does not start"),
-    ("l1", lambda tmp: ["--input", bad(tmp, "x.csv", "3,,5")], r"x.csv: line 1, column 3: empty field"),
-    ("l1", lambda tmp: ["--input", bad(tmp, "x.csv", "3,5\n7,2")], r"x.csv: line 1: 2 numbers on one line of a 2-line file"),
-    ("l1", lambda tmp: ["--input", bad(tmp, "x.csv", "1_000")], r"x.csv: line 1, column 1: '1_000' is not a number$"),
-    ("l1", lambda tmp: ["--input", bad(tmp, "x.txt", "3e38 3e38")], r"the L1 norm of this sequence, 6e\+38, is beyond float32's range"),
-    ("count", lambda tmp: ["--input", bad(tmp, "x.csv", "0,2,1")], r"x.csv: line 1, column 3: 2 is not 0 or 1"),
-    ("l1", lambda tmp: ["--input", bad(tmp, "x.txt", "")], r"x.txt: holds no numbers$"),
-    ("l1", lambda tmp: ["--input", bad(tmp, "x.json", "[1]")], r"expected a .npy, .csv or .txt file; received '.json'$"),
-    ("l1", lambda tmp: ["--input", npz(tmp)], r"holds an .npz archive; expected one array"),
-    ("l1", lambda tmp: ["--input", bad(tmp, "x\nname.csv", "1,a")], r"x\\nname.csv: line 1, column 3"),
-    ("l1", lambda tmp: ["--length", "abc"], r"argument --length: expected a length from 1 to 100,000,000; received 'abc'$"),
-    ("l1", lambda tmp: ["--length", "0"], r"argument --length: expected a length .*; received '0'$"),
-    ("l1", lambda tmp: ["--length", "1_000"], r"received '1_000'$"),
-    ("l1", lambda tmp: ["--length", "100000001"], r"received '100000001'$"),
-    ("l1", lambda tmp: ["--length", "5", "--input", "x.csv"], r"not allowed with argument"),
-    ("l1", lambda tmp: ["--length", "3", "--seed", "99999999999999999999"], r"expected a seed in"),
-    ("l1", lambda tmp: ["--length", "3", "--method", "fast"], r"argument --method: invalid choice: 'fast'"),
+# The issue's table, row by row, and more: one line naming the flag or file, exit 2. A tuple is
+# an --input file (name, content); a list, the flags themselves.
+@pytest.mark.parametrize("task, given, match", [
+    ("l1", ("x.csv", None), r"--input \S+x.csv: no such file$"),
+    ("l1", ("x.csv", "1\nabc\n"), r"x.csv: line 2, column 1: 'abc' is not a number$"),
+    ("l1", ("x.txt", "1e39"), r"x.txt: line 1, column 1: 1e39 is beyond float32's range"),
+    ("l1", ("x.npy", bytes(range(7, 71))), r"x.npy: not a .npy file \(it does not start"),
+    ("l1", ("x.csv", "3,,5"), r"x.csv: line 1, column 3: empty field"),
+    ("l1", ("x.csv", "3,5\n7,2"), r"x.csv: line 1: 2 numbers on one line of a 2-line file"),
+    ("l1", ("x.csv", "1_000"), r"x.csv: line 1, column 1: '1_000' is not a number$"),
+    ("l1", ("x.txt", "3e38 3e38"), r"the L1 norm of this sequence, 6e\+38, is beyond float32's range"),
+    ("count", ("x.csv", "0,2,1"), r"x.csv: line 1, column 3: 2 is not 0 or 1"),
+    ("l1", ("x.txt", ""), r"x.txt: holds no numbers$"),
+    ("l1", ("x.json", "[1]"), r"expected a .npy, .csv or .txt file; received '.json'$"),
+    ("l1", ("x.npy", b"PK\x03\x04"), r"holds an .npz archive; expected one array"),
+    ("l1", ("x\nname.csv", "1,a"), r"x\\nname.csv: line 1, column 3"),
+    ("l1", ["--length", "abc"], r"argument --length: expected a length from 1 to 100,000,000; received 'abc'$"),
+    ("l1", ["--length", "0"], r"argument --length: expected a length .*; received '0'$"),
+    ("l1", ["--length", "1_000"], r"received '1_000'$"),
+    ("l1", ["--length", "100000001"], r"received '100000001'$"),
+    ("l1", ["--length", "5", "--input", "x.csv"], r"not allowed with argument"),
+    ("l1", ["--length", "3", "--seed", "99999999999999999999"], r"expected a seed in"),
+    ("l1", ["--length", "3", "--method", "fast"], r"argument --method: invalid choice: 'fast'"),
+    ("l1", ["--length", "3", "--params", ""], r"argument --params: expected a path; received ''$"),
 ])
-def test_eval_bad_input_is_one_line_and_exit_2(l1_run, count_run, tmp_path, capsys, task, make_args, match):
+def test_eval_bad_input_is_one_line_and_exit_2(l1_run, count_run, tmp_path, capsys, task, given, match):
+    if isinstance(given, tuple):
+        name, content = given
+        if content is not None:
+            (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        given = ["--input", str(tmp_path / name)]
     run = {"l1": l1_run, "count": count_run}[task]
     with pytest.raises(SystemExit) as exit_info:
-        raise SystemExit(main(["eval", task, "--params", str(run), *make_args(tmp_path)]))
+        raise SystemExit(main(["eval", task, "--params", str(run), *given]))
     assert exit_info.value.code == 2
     one_error_line(capsys.readouterr(), match)
 
@@ -208,13 +202,14 @@ def test_a_diverging_run_is_saved_as_diverged_exits_1_and_eval_warns(tmp_path, c
 def test_a_run_out_of_budget_exits_1_and_resumes_to_the_uninterrupted_bits(count_run, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "count", "--seed", "3", "--steps", "50", "--out", str(out)]) == 1
-    train_error_line(capsys.readouterr(), rf"not converged within 50 steps \(saved in {out}\); "
-                                                         rf"continue with: rnnjax train count --out {out} --resume --steps N$")
+    train_error_line(capsys.readouterr(), rf"not converged within 50 steps \(saved in {out}\); continue "
+                                          rf"with: rnnjax train count --out {out} --resume --steps N$")
     assert strict_json(out / "metrics.json")["stop_reason"] == "budget"
     assert main(["train", "count", "--out", str(out), "--resume"]) == 2
     one_error_line(capsys.readouterr(), r"that run spent its budget of 50 steps; pass a larger --steps to continue it$")
     assert main(["train", "count", "--out", str(out), "--resume", "--lr", "0.2", "--steps", "5000"]) == 2
-    one_error_line(capsys.readouterr(), rf"--lr 0.2: the run in {out} trains with 0.1; a resumed run keeps its settings$")
+    one_error_line(capsys.readouterr(), rf"--lr 0.2: the run in {out} trains with 0.1; a resumed run keeps "
+                                        r"its settings$")
     assert main(["train", "count", "--out", str(out), "--resume", "--steps", "5000"]) == 0
     metrics = strict_json(out / "metrics.json")
     assert metrics["resumed_at"] == [50] and metrics["settings"]["steps"] == 5000 and metrics["converged"]
@@ -234,11 +229,13 @@ def test_the_out_folder_is_checked_before_training(count_run, tmp_path, capsys):
         (["--out", str(blocker)], rf"--out {blocker}: exists and is not a folder$"),
         (["--out", str(blocker / "run")], rf"--out {blocker}/run: cannot write there \(Not a directory\)$"),
         (["--out", str(count_run)], r"already holds a run; pass --resume to continue it or --overwrite to replace it$"),
-        (["--out", str(stranger), "--overwrite"], r"holds files that are not an rnnjax run \('todo.txt'\); choose another folder$"),
+        (["--out", str(stranger), "--overwrite"],
+         r"holds files that are not an rnnjax run \('todo.txt'\); choose another folder$"),
         (["--out", str(tmp_path / "new"), "--resume"], r"holds no run to resume \(no checkpoints folder\)$"),
         (["--checkpoint-every", "10"], r"--resume, --overwrite and --checkpoint-every need --out$"),
         (["--out", str(count_run), "--resume", "--seed", "5"], r"--seed 5: the run in \S+ started from seed 0"),
-        (["--out", str(count_run), "--resume", "--overwrite"], r"argument --overwrite: not allowed with argument --resume"),
+        (["--out", str(count_run), "--resume", "--overwrite"],
+         r"argument --overwrite: not allowed with argument --resume"),
         (["--steps", "1e3"], r"argument --steps: expected a positive integer; received '1e3'$"),
         (["--lr", "nan"], r"argument --lr: expected a positive finite number; received 'nan'$"),
         (["--tol", "-1"], r"argument --tol: expected a positive finite number; received '-1'$"),
@@ -268,9 +265,10 @@ def rnnjax(*args, **kwargs):
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def wait_for_checkpoints(process, folder, count, timeout=120):
+def wait_for_checkpoint(process, folder, step, timeout=120):
+    """Waits until the training ``process`` has saved a checkpoint at ``step`` or later."""
     deadline = time.monotonic() + timeout
-    while len(checkpoint_steps(folder)) < count:
+    while max(checkpoint_steps(folder), default=-1) < step:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.005)
@@ -279,7 +277,7 @@ def wait_for_checkpoints(process, folder, count, timeout=120):
 def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_run_resumes_exactly(count_run, tmp_path, capsys):
     out = tmp_path / "run"
     process = rnnjax("train", "count", "--seed", "3", "--checkpoint-every", "1", "--out", str(out))
-    wait_for_checkpoints(process, out / "checkpoints", 3)
+    wait_for_checkpoint(process, out / "checkpoints", 3)
     process.send_signal(2)  # SIGINT, as Ctrl-C sends it
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err
@@ -315,7 +313,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_bits(count_run,
     for kill in range(2):
         args = ["--out", str(out), "--resume"] if kill else ["--seed", "3", "--out", str(out)]
         process = rnnjax("train", "count", "--checkpoint-every", "1", *args)
-        wait_for_checkpoints(process, out / "checkpoints", 3 if not kill else len(checkpoint_steps(out / "checkpoints")) + 2)
+        wait_for_checkpoint(process, out / "checkpoints", max(checkpoint_steps(out / "checkpoints"), default=0) + 3)
         time.sleep(rng.uniform(0, 0.1))
         process.kill()  # SIGKILL: no handler runs
         process.communicate()

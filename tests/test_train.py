@@ -101,11 +101,15 @@ def test_fit_is_reproducible_and_honours_budget_and_loss_rules():
 
 def test_fit_rejects_bad_sizes():
     batch = l1_batch(jax.random.key(0), 2, 3)
-    with pytest.raises(ValueError, match=r"max_steps, sync_every, dead_steps, checkpoint_every must be "
-                                         r"positive integers; received 0, 25, 25, 1"):
+    with pytest.raises(ValueError, match=r"max_steps must be an integer >= 1; received 0\.$"):
         fit(L1Norm(), ADAM, batch, seed=0, max_steps=0)
-    with pytest.raises(ValueError, match=r"skip_nonfinite must be an integer >= 0; received -1"):
+    with pytest.raises(ValueError, match=r"sync_every must be an integer >= 1; received 2.5\.$"):
+        fit(L1Norm(), ADAM, batch, seed=0, max_steps=5, sync_every=2.5)
+    with pytest.raises(ValueError, match=r"skip_nonfinite must be an integer >= 0; received -1\.$"):
         fit(L1Norm(), ADAM, batch, seed=0, max_steps=5, skip_nonfinite=-1)
+    start = fit(L1Norm(), ADAM, batch, seed=0, max_steps=5, progress=False)
+    with pytest.raises(ValueError, match=r"start has taken 5 steps, more than max_steps=4\.$"):
+        fit(L1Norm(), ADAM, batch, seed=0, max_steps=4, start=start)
 
 
 def draw_count(key):
