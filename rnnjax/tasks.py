@@ -57,6 +57,7 @@ def task_settings(
     length: int | None = None,
     tol: float = 1e-9,
     skip_nonfinite: int = 0,
+    dead_steps: int = 25,
 ) -> dict[str, Any]:
     """Returns every setting a run of ``task`` trains with: those given, the task's for the rest.
 
@@ -70,7 +71,7 @@ def task_settings(
     spec = TASKS[task]
     return {"steps": steps or spec.steps, "lr": lr or spec.lr, "b2": ADAM_B2,
             "batch_size": batch_size or spec.batch_size, "length": length or spec.length,
-            "tol": tol, "skip_nonfinite": skip_nonfinite}
+            "tol": tol, "skip_nonfinite": skip_nonfinite, "dead_steps": dead_steps}
 
 
 @functools.lru_cache(maxsize=16)
@@ -108,8 +109,8 @@ def train_task(task: str, *, seed: int, settings: dict | None = None, progress: 
     """
     settings = settings or task_settings(task)
     return fit(*_fit_parts(task, settings), seed=seed, max_steps=settings["steps"], target_weight=1.0,
-               weight_tol=settings["tol"], skip_nonfinite=settings["skip_nonfinite"], progress=progress,
-               **fit_options)
+               weight_tol=settings["tol"], skip_nonfinite=settings["skip_nonfinite"],
+               dead_steps=settings["dead_steps"], progress=progress, **fit_options)
 
 
 def train_until_live(

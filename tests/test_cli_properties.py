@@ -16,7 +16,7 @@ from rnnjax.cli import _parser, main
 
 TEXT = st.text(alphabet=st.sampled_from(list("0123456789+-.eE_, \t\r\n;xabn\ufeff\u00a0\x00")), max_size=40)
 JUNK = st.text(max_size=12)
-PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def run(argv):
