@@ -314,7 +314,7 @@ def _run_metrics(run: Run) -> dict:
         "first_seed": run.first_seed,
         "dead_seeds": run.dead_seeds,
         "settings": run.settings,
-        "method": resolve_method(ReLUCell(1), "auto"),
+        "method": resolve_method(ReLUCell(1), "auto", time=run.settings["length"]),
         "versions": {"rnnjax": rnnjax.__version__, "jax": jax.__version__, "backend": jax.default_backend()},
         "resumed_at": run.resumed_at,
         "final_loss": _finite_or_none(loss[-1:])[0] if len(loss) else None,
