@@ -29,6 +29,7 @@ __all__ = ["FORMAT", "save_checkpoint", "checkpoint_steps", "checkpoint_info", "
            "delete_checkpoints"]
 
 FORMAT = "rnnjax.checkpoint/1"
+_FOREIGN = "its arrays do not fit this network and optimizer (a checkpoint of another model or settings)"
 
 
 def _manager(folder: Path, *, keep: int | None = None, create: bool = False):
@@ -166,10 +167,10 @@ def restore_checkpoint(folder: str | os.PathLike, step: int, template: FitResult
     history = {k: np.zeros(step, v.dtype) for k, v in template.history.items()}
     target = _arrays(template._replace(steps=step, history=history), info["seed"])
     restored, failure = _read(folder, step, target)
+    if failure is None and _shapes(restored) != _shapes(target):  # what was read, not what was said
+        failure = _FOREIGN
     if failure:
         raise ValueError(f"{where}: {failure}")
-    if _shapes(restored) != _shapes(target):
-        raise ValueError(f"{where}: its arrays do not fit this network and optimizer")
     if _digest(restored, info) != info["sha256"]:
         raise ValueError(f"{where}: damaged checkpoint (its SHA-256 digest does not match its contents)")
     if not np.array_equal(restored["data_key"], target["data_key"]) or int(restored["train_state"].step) != step:
@@ -182,17 +183,19 @@ def _read(folder: Path, step: int, target: dict) -> tuple[dict | None, str | Non
     """Returns ``(arrays, None)`` restored into ``target``'s structure, or ``(None, why not)``."""
     import orbax.checkpoint as ocp
 
-    manager = _manager(folder)
+    manager = None
     try:
+        manager = _manager(folder)
         if _shapes(manager.item_metadata(step)["state"].tree) != _shapes(target):
-            return None, "its arrays do not fit this network and optimizer (a checkpoint of another model or settings)"
+            return None, _FOREIGN
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return restored["state"], None
     except Exception as e:  # orbax and tensorstore raise many kinds; each means the same here
         message = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         failure = f"cannot be read ({type(e).__name__}: {message})"
     finally:
-        manager.close()
+        if manager is not None:
+            manager.close()
     return None, failure
 
 

@@ -88,15 +88,21 @@ def _describe(result) -> str:
 
 
 @contextlib.contextmanager
-def _interrupt_flag():
-    """While active, Ctrl-C only sets a flag, which training polls before each step (no library
-    code between can swallow it); a second Ctrl-C raises KeyboardInterrupt at once."""
+def _ctrl_c(*, polled: bool):
+    """While active, every Ctrl-C is recorded, so that none is ever lost (a library may catch the
+    KeyboardInterrupt it raises, e.g. in a garbage-collector callback). With ``polled`` the first
+    press only sets the flag, which training polls before each step, and a second one raises;
+    otherwise each press raises KeyboardInterrupt, as usual. Yields a function: pressed or not."""
     pressed = threading.Event()
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with Ctrl-C ignored (nohup, &)
+        yield pressed.is_set
+        return
 
     def handler(signum, frame):
-        if pressed.is_set():
-            raise KeyboardInterrupt
+        again = pressed.is_set()
         pressed.set()
+        if again or not polled:
+            raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -157,7 +163,7 @@ def train(args) -> int:
              "length": args.max_length, "tol": args.tol, "skip_nonfinite": args.skip_nonfinite}
     created = False
     try:
-        with _interrupt_flag() as interrupted:  # from here on, Ctrl-C is a flag that fit polls
+        with _ctrl_c(polled=True) as interrupted:  # from here on, Ctrl-C is a flag that fit polls
             created = args.out and runs.prepare_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
             run = runs.train_run(args.task, first_seed=args.seed, given=given, out=args.out,
                                  resume=args.resume, checkpoint_every=args.checkpoint_every,
@@ -279,8 +285,17 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (see the module docstring)."""
-    args = _parser().parse_args(argv)
+    with _ctrl_c(polled=False) as interrupted:
+        status = _run(argv)
+    if interrupted() and status != 130:  # a Ctrl-C that some library swallowed
+        print("rnnjax: interrupted", file=sys.stderr)
+        return 130
+    return status
+
+
+def _run(argv: list[str] | None) -> int:
     try:
+        args = _parser().parse_args(argv)
         return args.run(args)
     except KeyboardInterrupt:
         print("rnnjax: interrupted", file=sys.stderr)

@@ -294,8 +294,6 @@ def train_run(
     return run._replace(paths=paths)
 
 
-
-
 def _finite_or_none(values: np.ndarray) -> list:
     """Strict JSON has no NaN or infinity: those become null."""
     return [v.item() if v.dtype == bool or np.isfinite(v) else None for v in np.asarray(values)]

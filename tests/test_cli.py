@@ -14,7 +14,7 @@ import pytest
 
 from rnnjax.checkpoints import checkpoint_steps, restore_checkpoint
 from rnnjax.cli import main
-from rnnjax.runs import load_run
+from rnnjax.runs import load_run, train_run
 from rnnjax.tasks import task_settings, task_start
 
 
@@ -305,6 +305,19 @@ def test_ctrl_c_while_compiling_leaves_a_resumable_checkpoint(tmp_path):
     assert checkpoint_steps(out / "checkpoints") == [0]  # never an empty folder
 
 
+def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(tmp_path):
+    # Importing JAX takes a second or two: a Ctrl-C then must cut no import short (a
+    # KeyboardInterrupt inside a C extension's import becomes an ImportError) nor be swallowed.
+    out = tmp_path / "run"
+    process = rnnjax("train", "count", "--seed", "3", "--out", str(out))
+    time.sleep(0.2)
+    process.send_signal(2)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("rnnjax: interrupted")
+    assert not out.exists() or checkpoint_steps(out / "checkpoints")  # never an empty folder
+
+
 def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_bits(count_run, tmp_path, capsys):
     # A checkpoint every step: most of the run's time is spent saving, so the kills below land
     # mid-save (or mid-deletion of an old step) as often as not.
@@ -343,6 +356,9 @@ def test_unknown_command_is_one_line_and_exit_2():
     assert "Traceback" not in result.stderr
 
 
-def test_load_run_says_why_a_run_is_not_to_be_trusted(l1_run):
+def test_load_run_reports_the_step_and_whether_the_run_converged(l1_run, tmp_path):
     loaded = load_run(l1_run, "l1")
     assert loaded.converged and loaded.step == strict_json(l1_run / "metrics.json")["steps"]
+    train_run("count", first_seed=3, given={"steps": 30}, out=tmp_path)
+    loaded = load_run(tmp_path, "count")
+    assert (loaded.converged, loaded.step, loaded.status) == (False, 30, "stop reason: budget, after 30 steps")
