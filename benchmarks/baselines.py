@@ -32,6 +32,18 @@ def _jax_closures(model: nn.Module, xs: np.ndarray, targets: np.ndarray):
             jax.block_until_ready)
 
 
+def train_step_memory(method: str, time: int, batch: int) -> int:
+    """Bytes of temporary memory the compiled training step of ``L1Norm(method)`` needs for
+    (batch, time) inputs; compiled from shapes alone, nothing is run."""
+    model, optimizer = L1Norm(method=method), optax.adam(0.1)
+    small = Batch(jnp.ones((1, 2)), jnp.full((1,), 2, jnp.int32), jnp.ones(1))
+    state = init_state(model, optimizer, jax.random.key(3), small)
+    shapes = Batch(jax.ShapeDtypeStruct((batch, time), jnp.float32),
+                   jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.float32))
+    compiled = make_train_step(model, optimizer).lower(state, shapes).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 def rnnjax_model(method: str):
     def build(xs, targets):
         return _jax_closures(L1Norm(method=method), xs, targets)

@@ -4,9 +4,10 @@ For each sequence length T and batch size, times the forward pass and the traini
 (forward, backward, Adam update) of the L1-norm network, every implementation in the same run.
 Compile time (the first call) is reported apart; times are medians of repeats after a warm-up,
 each synchronised (``block_until_ready`` / ``torch.cuda.synchronize``). A configuration whose
-predicted time or memory is over budget is skipped, and the table says why.
+predicted time or memory is over budget is skipped, and the table says why. The training step
+at T = 1e5, batch 1024 is also compiled (not run) for each method to read its temporary memory.
 
-    python benchmarks/suite.py                                   # the whole grid
+    python benchmarks/suite.py                                   # the whole grid (~12 min, 2 cores)
     python benchmarks/suite.py --lengths 10000 --batches 1 8     # the 10,000-step sequence only
 
 Writes ``results.json``, ``results.md`` and ``time_vs_length.png`` under ``--out``.
@@ -16,24 +17,28 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy  # noqa: E402
 import baselines  # noqa: E402
 from timing import machine, measure  # noqa: E402
 
 from rnnjax import ReLUCell  # noqa: E402
-from rnnjax.recurrence import resolve_method  # noqa: E402
+from rnnjax.recurrence import AUTO_PARALLEL_FROM, resolve_method  # noqa: E402
 from rnnjax.runs import write_atomically  # noqa: E402
 
+SEQUENTIAL, PARALLEL = "rnnjax sequential", "rnnjax blocked parallel"
 IMPLEMENTATIONS = {
-    "rnnjax sequential": baselines.rnnjax_model("sequential"),
-    "rnnjax parallel": baselines.rnnjax_model("parallel"),
+    SEQUENTIAL: baselines.rnnjax_model("sequential"),
+    PARALLEL: baselines.rnnjax_model("parallel"),
     "flax nn.RNN": baselines.flax_rnn,
     "torch nn.RNN": baselines.torch_rnn,
     "seed loop": baselines.torch_seed_loop,
@@ -41,13 +46,15 @@ IMPLEMENTATIONS = {
 TORCH = {"torch nn.RNN", "seed loop"}
 MODES = ("forward", "train")
 # float32 arrays of (batch, time) that each implementation holds at once, roughly (inputs,
-# mask, states, and in training the residuals; the parallel scan keeps four maps per step).
-ARRAYS = {("forward", False): 4, ("forward", True): 12, ("train", False): 10, ("train", True): 32}
+# mask, states, and in training the residuals and the blocked copies).
+ARRAYS = {("forward", False): 4, ("forward", True): 6, ("train", False): 10, ("train", True): 12}
+MEMORY_CHECK = (100_000, 1024)  # (T, batch) of the training step whose compiled memory is read
 
 
-def rnnjax_label() -> str:
-    """The rnnjax method that "auto" picks on this backend: the one the ratios compare with."""
-    return f"rnnjax {resolve_method(ReLUCell(1), 'auto')}"
+def rnnjax_label(time: int) -> str:
+    """The rnnjax method that "auto" picks for ``time`` steps here: the one ratios compare with."""
+    method = resolve_method(ReLUCell(1), "auto", time=time)
+    return SEQUENTIAL if method == "sequential" else PARALLEL
 
 
 def skip_reason(name, mode, time, batch, previous, args) -> str | None:
@@ -55,7 +62,7 @@ def skip_reason(name, mode, time, batch, previous, args) -> str | None:
         return "torch not installed (pip install torch, the bench extra)"
     if name == "seed loop" and time > args.seed_loop_max_length:
         return f"seed loop only up to T = {args.seed_loop_max_length:.0e} (a Python step per element)"
-    gigabytes = 4 * time * batch * ARRAYS[mode, name == "rnnjax parallel"] / 1e9
+    gigabytes = 4 * time * batch * ARRAYS[mode, name == PARALLEL] / 1e9
     if gigabytes > args.memory_gb:
         return f"needs ~{gigabytes:.0f} GB > {args.memory_gb:.0f} GB memory budget"
     if previous is not None:
@@ -65,33 +72,39 @@ def skip_reason(name, mode, time, batch, previous, args) -> str | None:
     return None
 
 
-def run_grid(args) -> list[dict]:
+def run_grid(args, bar) -> list[dict]:
     rows = []
-    for name in args.implementations:
-        for batch in args.batches:
-            previous = {mode: None for mode in MODES}  # (time, median ms) of the last one measured
-            for time in sorted(args.lengths):
-                reasons = {m: skip_reason(name, m, time, batch, previous[m], args) for m in MODES}
-                closures = None
-                for mode_index, mode in enumerate(MODES):
-                    row = {"implementation": name, "mode": mode, "time": time, "batch": batch}
-                    if reasons[mode] is None:
-                        if closures is None:
-                            xs, targets = baselines.problem(time, batch)
-                            closures = IMPLEMENTATIONS[name](xs, targets)
-                        fn, sync = closures[mode_index], closures[2]
-                        try:
-                            row.update(measure(fn, budget_s=args.budget_s, sync=sync))
-                            previous[mode] = (time, row["median_ms"])
-                        except Exception as e:  # out of memory, or a backend refusing the size
-                            row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                    else:
-                        row["skipped"] = reasons[mode]
-                    rows.append(row)
-                    shown = f"{row['median_ms']:10.3f} ms" if "median_ms" in row else f"skipped ({row['skipped']})"
-                    print(f"{name:18s} {mode:7s} T={time:<8d} B={batch:<6d} {shown}", flush=True)
-                del closures
+    for name, batch in itertools.product(args.implementations, args.batches):
+        previous = {mode: None for mode in MODES}  # (time, median ms) of the last one measured
+        for time in sorted(args.lengths):
+            reasons = {m: skip_reason(name, m, time, batch, previous[m], args) for m in MODES}
+            closures = None
+            for mode_index, mode in enumerate(MODES):
+                row = {"implementation": name, "mode": mode, "time": time, "batch": batch}
+                if reasons[mode] is None:
+                    if closures is None:
+                        xs, targets = baselines.problem(time, batch)
+                        closures = IMPLEMENTATIONS[name](xs, targets)
+                    fn, sync = closures[mode_index], closures[2]
+                    try:
+                        row.update(measure(fn, budget_s=args.budget_s, sync=sync))
+                        previous[mode] = (time, row["median_ms"])
+                    except Exception as e:  # out of memory, or a backend refusing the size
+                        row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                else:
+                    row["skipped"] = reasons[mode]
+                rows.append(row)
+                shown = f"{row['median_ms']:10.3f} ms" if "median_ms" in row else f"skipped ({row['skipped']})"
+                bar.write(f"{name:24s} {mode:7s} T={time:<8d} B={batch:<6d} {shown}")
+                bar.update()
+            del closures
     return rows
+
+
+def compiled_memory_gb(time: int, batch: int) -> dict[str, float]:
+    """Temporary memory of each rnnjax method's compiled training step, in GB (compiled, not run)."""
+    return {name: baselines.train_step_memory(name.split()[-1], time, batch) / 1e9
+            for name in (SEQUENTIAL, PARALLEL)}
 
 
 def copy_bandwidth_gbs() -> float:
@@ -110,70 +123,102 @@ def lookup(rows, name, mode, time, batch):
 
 
 def add_ratios(rows) -> None:
-    """Adds ``ratio_to_rnnjax`` (its time over rnnjax's) to every measured row."""
-    ours = rnnjax_label()
+    """Adds ``ratio_to_rnnjax``: the time over rnnjax auto's (the method it picks at that T)."""
     for row in rows:
-        base = lookup(rows, ours, row["mode"], row["time"], row["batch"])
+        base = lookup(rows, rnnjax_label(row["time"]), row["mode"], row["time"], row["batch"])
         if "median_ms" in row and base:
             row["ratio_to_rnnjax"] = row["median_ms"] / base
 
 
-def check_targets(rows, info) -> list[str]:
-    """The issue's speed targets, each as a line saying met or missed, with the figure."""
-    ours = rnnjax_label()
+def check_targets(rows, info, memory=None) -> list[str]:
+    """The issues' targets, each as a line saying met or missed, with the figure."""
     lines = []
 
-    def ratio(other, mode, time, batch, target):
-        a, b = lookup(rows, other, mode, time, batch), lookup(rows, ours, mode, time, batch)
+    def verdict(ok):
+        return "met" if ok else "MISSED"
+
+    def faster_than(other, mode, time, batch, target):
+        a, b = lookup(rows, other, mode, time, batch), lookup(rows, rnnjax_label(time), mode, time, batch)
         if a is None or b is None:
             lines.append(f"- {mode} T={time} B={batch}: {other} / rnnjax >= {target}x: not measured")
         else:
-            verdict = "met" if a / b >= target else "MISSED"
             lines.append(f"- {mode} T={time} B={batch}: {other} / rnnjax = {a / b:,.0f}x "
-                         f"(target >= {target}x): {verdict}")
+                         f"(target >= {target}x): {verdict(a / b >= target)}")
 
     if info["backend"] == "cpu":
-        ratio("seed loop", "train", 10_000, 8, 1000)
-        ratio("torch nn.RNN", "train", 10_000, 8, 100)
+        faster_than("seed loop", "train", 10_000, 8, 1000)
+        faster_than("torch nn.RNN", "train", 10_000, 8, 100)
+        for mode in MODES:
+            for batch in (1, 8):
+                for time in sorted({r["time"] for r in rows if r["time"] >= 10_000}):
+                    a, b = (lookup(rows, n, mode, time, batch) for n in (PARALLEL, SEQUENTIAL))
+                    limit = 2.0 if time < 100_000 else 1.5
+                    if a is not None and b is not None:
+                        lines.append(f"- {mode} T={time:.0e} B={batch}: parallel / sequential = "
+                                     f"{a / b:.2f}x (target <= {limit}x): {verdict(a / b <= limit)}")
+        first = next((r["first_call_ms"] for r in rows if r["implementation"] == PARALLEL
+                      and r["mode"] == "forward" and r["time"] == 10**6 and "first_call_ms" in r), None)
+        if first is not None:
+            lines.append(f"- first call of the parallel forward at T=1e6: {first / 1e3:.1f} s "
+                         f"(target < 5 s): {verdict(first < 5e3)}")
     else:
-        ratio("torch nn.RNN", "train", 10_000, 1, 20)
-        t = lookup(rows, ours, "forward", 1_000_000, 1)
+        faster_than("torch nn.RNN", "train", 10_000, 1, 20)
+        t = lookup(rows, PARALLEL, "forward", 1_000_000, 1)
         lines.append("- forward T=1e6 B=1 under 1 ms: "
-                     + ("not measured" if t is None else f"{t:.3f} ms: {'met' if t < 1 else 'MISSED'}"))
-        t = lookup(rows, ours, "forward", 10_000, 65_536)
+                     + ("not measured" if t is None else f"{t:.3f} ms: {verdict(t < 1)}"))
+        t = lookup(rows, PARALLEL, "forward", 10_000, 65_536)
         if t is not None and "bandwidth_gbs" in info:
             floor = 4 * 10_000 * 65_536 / (info["bandwidth_gbs"] * 1e9) * 1e3
             lines.append(f"- forward T=1e4 B=65536 within 3x of the bandwidth floor {floor:.3f} ms: "
-                         f"{t:.3f} ms = {t / floor:.2f}x: {'met' if t <= 3 * floor else 'MISSED'}")
+                         f"{t:.3f} ms = {t / floor:.2f}x: {verdict(t <= 3 * floor)}")
+    if memory:
+        lines.append(f"- training step T={MEMORY_CHECK[0]:.0e} B={MEMORY_CHECK[1]} compiles to "
+                     f"{memory[PARALLEL]:.2f} GB of temporary memory (sequential "
+                     f"{memory[SEQUENTIAL]:.2f} GB; target < 3 GB): {verdict(memory[PARALLEL] < 3)}")
     return lines
 
 
-def markdown(rows, info, targets) -> str:
+def accuracy_targets(errors) -> list[str]:
+    """The accuracy target: auto's L1 norm within 1e-6 of the float64 sum at each length."""
+    lines = []
+    for row in errors:
+        if row["method"] == "auto":
+            ok = row["relative_error"] <= accuracy.TARGET
+            lines.append(f"- L1 norm T={row['time']:.0e} B=1, auto ({row['picked']}): relative error "
+                         f"{row['relative_error']:.1e} (target <= 1e-6): {'met' if ok else 'MISSED'}")
+    return lines
+
+
+def markdown(rows, info, targets, errors=()) -> str:
     names = [n for n in IMPLEMENTATIONS if any(r["implementation"] == n for r in rows)]
-    ours = rnnjax_label()
+    baselines_shown = [n for n in names if n not in (SEQUENTIAL, PARALLEL)]
     out = [f"Machine: {info['device']} ({info['backend']}); CPU {info['cpu']}, {info['cpu_count']} cores; "
            f"jax {info['jax']}, torch {info['torch']}; {info['date']}.",
-           f"Ratios are each implementation's time over {ours}'s (what method='auto' runs here), "
-           "measured in the same run. Medians in ms; compile time is not included (see below).", ""]
+           "Medians in ms; compile time is not included (see below). Ratios are measured in the same "
+           "run: the blocked parallel scan over the sequential loop, and each baseline over rnnjax "
+           f"auto (sequential below {AUTO_PARALLEL_FROM} steps on a CPU, the parallel scan from there).", ""]
     skipped = {}
+
+    def cell(row):
+        if "median_ms" in row:
+            return f"{row['median_ms']:.4g}"
+        mark = skipped.setdefault(row["skipped"], f"s{len(skipped) + 1}")
+        return f"skip ({mark})"
+
     for mode in MODES:
         out += [f"### {mode}" + (" (forward, backward, Adam update)" if mode == "train" else ""), ""]
-        others = [n for n in names if n != ours]
-        out.append("| T | batch | " + " | ".join(f"{n} ms" for n in names) + " | "
-                   + " | ".join(f"{n} / rnnjax" for n in others) + " |")
-        out.append("|" + "---|" * (2 + len(names) + len(others)))
+        out.append("| T | batch | " + " | ".join(f"{n} ms" for n in names) + " | parallel / sequential | "
+                   + " | ".join(f"{n} / rnnjax" for n in baselines_shown) + " |")
+        out.append("|" + "---|" * (3 + len(names) + len(baselines_shown)))
         for time, batch in sorted({(r["time"], r["batch"]) for r in rows}):
-            cells, ratios = [], []
-            for n in names:
-                row = next(r for r in rows if (r["implementation"], r["mode"], r["time"], r["batch"]) == (n, mode, time, batch))
-                if "median_ms" in row:
-                    cells.append(f"{row['median_ms']:.4g}")
-                else:
-                    mark = skipped.setdefault(row["skipped"], f"s{len(skipped) + 1}")
-                    cells.append(f"skip ({mark})")
-                if n != ours:
-                    ratios.append(f"{row['ratio_to_rnnjax']:,.1f}x" if "ratio_to_rnnjax" in row else "—")
-            out.append(f"| {time:.0e} | {batch} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+            found = {n: next(r for r in rows if (r["implementation"], r["mode"], r["time"], r["batch"])
+                             == (n, mode, time, batch)) for n in names}
+            par, seq = (found.get(n, {}).get("median_ms") for n in (PARALLEL, SEQUENTIAL))
+            ratios = [f"{par / seq:.2f}x" if par and seq else "—"]
+            ratios += [f"{found[n]['ratio_to_rnnjax']:,.1f}x" if "ratio_to_rnnjax" in found[n] else "—"
+                       for n in baselines_shown]
+            out.append(f"| {time:.0e} | {batch} | " + " | ".join(cell(found[n]) for n in names)
+                       + " | " + " | ".join(ratios) + " |")
         out.append("")
     out += ["### first call (trace + compile + one run), ms", "",
             "| T | batch | mode | " + " | ".join(n for n in names if n not in TORCH) + " |",
@@ -187,6 +232,9 @@ def markdown(rows, info, targets) -> str:
                 row = next(r for r in rows if (r["implementation"], r["mode"], r["time"], r["batch"]) == (n, mode, time, batch))
                 cells.append(f"{row['first_call_ms']:.0f}" if "first_call_ms" in row else "—")
             out.append(f"| {time:.0e} | {batch} | {mode} | " + " | ".join(cells) + " |")
+    if errors:
+        out += ["", "### accuracy (L1 norm, both weights 1, N(0, 1) inputs, batch 1)", ""]
+        out += accuracy.table(errors)
     out += ["", "Skipped:"] + [f"- {mark}: {reason}" for reason, mark in skipped.items()]
     out += ["", "Targets:"] + targets
     return "\n".join(out) + "\n"
@@ -222,8 +270,12 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[100, 1000, 10_000, 100_000, 1_000_000])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 1024] + ([65_536] if on_gpu else []))
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
-    parser.add_argument("--budget-s", type=float, default=1.0, help="timing budget per configuration")
-    parser.add_argument("--max-call-s", type=float, default=3.0, help="skip calls predicted slower than this")
+    parser.add_argument("--budget-s", type=float, default=0.5, help="timing budget per configuration")
+    parser.add_argument("--max-call-s", type=float, default=2.0, help="skip calls predicted slower than this")
+    parser.add_argument("--accuracy-lengths", type=int, nargs="*", default=[10**6, 10**7, 10**8],
+                        help="lengths at which the L1 norm's accuracy is checked (batch 1)")
+    parser.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                        help="skip compiling the T=1e5, batch 1024 training step for its memory")
     parser.add_argument("--memory-gb", type=float, default=6.0, help="skip configurations needing more")
     parser.add_argument("--seed-loop-max-length", type=int, default=10_000)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / jax.default_backend())
@@ -234,11 +286,20 @@ def main(argv=None) -> None:
     if on_gpu:
         info["bandwidth_gbs"] = copy_bandwidth_gbs()
     print(json.dumps(info))
-    rows = run_grid(args)
+    total = (len(args.implementations) * len(args.batches) * len(args.lengths) * len(MODES)
+             + len(args.accuracy_lengths) * len(accuracy.METHODS) + args.memory_check)
+    with tqdm(total=total, unit="step", desc="make bench") as bar:
+        rows = run_grid(args, bar)
+        errors = accuracy.measure(args.accuracy_lengths, [0], bar)
+        memory = None
+        if args.memory_check:
+            memory = compiled_memory_gb(*MEMORY_CHECK)
+            bar.update()
     add_ratios(rows)
-    targets = check_targets(rows, info)
-    table = markdown(rows, info, targets)
-    report = json.dumps({"machine": info, "results": rows, "targets": targets}, indent=1)
+    targets = check_targets(rows, info, memory) + accuracy_targets(errors)
+    table = markdown(rows, info, targets, errors)
+    report = json.dumps({"machine": info, "results": rows, "compiled_memory_gb": memory,
+                         "accuracy": errors, "targets": targets}, indent=1)
     write_atomically(args.out / "results.json", lambda f: f.write(report), mode="w")
     write_atomically(args.out / "results.md", lambda f: f.write(table), mode="w")
     plot(rows, args.out / "time_vs_length.png")

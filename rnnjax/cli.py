@@ -1,49 +1,76 @@
-"""The ``rnnjax`` command: ``demo``, ``train`` and ``eval``. Logic lives in ``rnnjax.runs``."""
+"""The ``rnnjax`` command: ``demo``, ``train`` and ``eval``. Logic lives in ``rnnjax.tasks``,
+``rnnjax.inputs`` and ``rnnjax.runs``.
+
+Exit status: 0 done; 1 a run that did not converge (dead, diverged or out of budget: its files
+are saved and say so); 2 bad input (one line on stderr); 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from rnnjax import runs
+from rnnjax import inputs, runs, tasks
 from rnnjax.recurrence import METHODS
+from rnnjax.train import CONVERGED, STOP_REASONS
 
-__all__ = ["main"]
+__all__ = ["main", "script"]
 
-DEMO_SEED_TRIES = 20
+EVAL_MAX_LENGTH = 10**8  # a float64 reference and float32 copies of 1e8 numbers take ~2 GB
 
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line and exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"rnnjax: error: {message}\n")
+        self.exit(2, f"rnnjax: error: {_one_line(message)}\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; received {text}")
-    return value
+def _integer(low: int, high: int, what: str):
+    def parse(text: str) -> int:
+        value = int(text) if re.fullmatch(r"[0-9]+", text) else None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what}; received {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _integer(1, 2**31 - 1, "a positive integer")
+_count = _integer(0, 2**31 - 1, "an integer >= 0")
+_seed = _integer(0, 2**31 - 1, "a seed in [0, 2**31)")
+_length = _integer(1, EVAL_MAX_LENGTH, f"a length from 1 to {EVAL_MAX_LENGTH:,}")
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number; received {text}")
+    try:
+        value = inputs.parse_number(text)
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number; received {text!r}")
     return value
 
 
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**31:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**31); received {text}")
-    return value
+def _path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path; received ''")
+    return text
+
+
+def _one_line(message: str) -> str:
+    """Escapes line breaks and other unprintable characters, so a message is one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
 
 
 def _weights(params) -> str:
@@ -51,30 +78,42 @@ def _weights(params) -> str:
     return f"W_ih = {float(w['W_ih'][0, 0]):.9g}, W_hh = {float(w['W_hh'][0, 0]):.9g}"
 
 
-def _train_until_live(task: str, first_seed: int, **settings):
-    """Trains from ``first_seed``; on a dead ReLU says so and draws again from the next seed."""
-    for seed in range(first_seed, first_seed + DEMO_SEED_TRIES):
-        result = runs.train_task(task, seed=seed, **settings)
-        if result.stop_reason != "dead":
-            return seed, result
-        print(f"  seed {seed}: init {_weights(result.initial_params)}: a dead ReLU (inputs are "
-              f">= 0, so W_ih <= 0 keeps every gradient 0); trying seed {seed + 1}")
-    raise ValueError(f"{DEMO_SEED_TRIES} seeds in a row gave a dead ReLU; try another --seed")
+def _print_dead(seed: int, result) -> None:
+    print(f"  seed {seed}: init {_weights(result.initial_params)}: a dead ReLU (inputs are >= 0, "
+          f"so W_ih <= 0 keeps every gradient 0); trying seed {seed + 1}")
 
 
 def _describe(result) -> str:
-    reasons = {
-        "weights": "both weights within tolerance of 1",
-        "loss": "loss under tolerance",
-        "budget": "step budget spent, NOT converged",
-        "dead": "dead ReLU: every gradient is 0",
-    }
-    return f"{result.steps} steps ({reasons[result.stop_reason]})"
+    return f"{result.steps} steps ({STOP_REASONS[result.stop_reason]})"
+
+
+@contextlib.contextmanager
+def _ctrl_c(*, polled: bool):
+    """While active, every Ctrl-C is recorded, so that none is ever lost (a library may catch the
+    KeyboardInterrupt it raises, e.g. in a garbage-collector callback). With ``polled`` the first
+    press only sets the flag, which training polls before each step, and a second one raises;
+    otherwise each press raises KeyboardInterrupt, as usual. Yields a function: pressed or not."""
+    pressed = threading.Event()
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with Ctrl-C ignored (nohup, &)
+        yield pressed.is_set
+        return
+
+    def handler(signum, frame):
+        again = pressed.is_set()
+        pressed.set()
+        if again or not polled:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _count_table(params, key) -> None:
-    held_out = runs.TASKS["count"].batch(key, 4, 5)  # seed 003's test set: 4 sequences of 5
-    predicted, exact = runs.count_check(params, held_out.xs)
+    held_out = tasks.TASKS["count"].batch(key, 4, 5)  # seed 003's test set: 4 sequences of 5
+    predicted, exact = tasks.count_check(params, held_out.xs)
     print("  held-out sequences: input bits | exact running count | predicted")
     for x, target, out in zip(np.asarray(held_out.xs), exact, predicted):
         bits = " ".join(str(int(v)) for v in x)
@@ -83,60 +122,111 @@ def _count_table(params, key) -> None:
     print(f"  largest error: {np.abs(predicted - exact).max():.2e}")
 
 
-def demo(args) -> None:
+def _demo_run(task: str, first_seed: int):
+    """Trains ``task`` as ``train`` does and prints how; returns ``(seed, result)``."""
+    seed, result = tasks.train_until_live(task, first_seed=first_seed, on_dead=_print_dead)
+    print(f"  seed {seed}: init {_weights(result.initial_params)}")
+    print(f"  trained {_describe(result)}: {_weights(result.state.params)}")
+    if result.stop_reason not in CONVERGED:
+        print(f"rnnjax: error: the {task} network did not converge from seed {seed}", file=sys.stderr)
+    return seed, result
+
+
+def demo(args) -> int:
     start = time.perf_counter()
     print("L1 norm of variable-length sequences (seed 000): Adam lr 0.1, a fresh batch of 8 "
           "each step, lengths 1..10")
-    seed, result = _train_until_live("l1", args.seed)
-    print(f"  seed {seed}: init {_weights(result.initial_params)}")
-    print(f"  trained {_describe(result)}: {_weights(result.state.params)}")
+    seed, result = _demo_run("l1", args.seed)
+    if result.stop_reason not in CONVERGED:
+        return 1
     params = result.state.params
     checks = [("[3, -5, 7, -2]", np.array([3.0, -5.0, 7.0, -2.0]))]
     checks.append(("10,000 N(0,1) steps", np.random.default_rng(seed).standard_normal(10_000)))
     for name, sequence in checks:
-        predicted, exact, error = runs.l1_check(params, sequence)
+        predicted, exact, error = tasks.l1_check(params, sequence)
         print(f"  {name}: predicted {predicted:.9g}, exact {exact:.9g}, relative error {error:.1e}")
 
     print("Running counts of binary sequences (seed 003): Adam lr 0.1, a fresh batch of 8 "
           "sequences of length 5 each step")
-    seed, result = _train_until_live("count", args.seed)
-    print(f"  seed {seed}: init {_weights(result.initial_params)}")
-    print(f"  trained {_describe(result)}: {_weights(result.state.params)}")
+    seed, result = _demo_run("count", args.seed)
+    if result.stop_reason not in CONVERGED:
+        return 1
     _count_table(result.state.params, jax.random.key(seed + 10_000))
     print(f"demo took {time.perf_counter() - start:.1f} s on {jax.default_backend()}")
+    return 0
 
 
-def train(args) -> None:
-    settings = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
-                "length": args.max_length, "tol": args.tol}
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)  # fail before training, not after
-    result = runs.train_task(args.task, seed=args.seed, progress=True, **settings)
-    print(f"{args.task}: seed {args.seed}, init {_weights(result.initial_params)}")
-    print(f"trained {_describe(result)}: {_weights(result.state.params)}, "
-          f"final loss {result.history['loss'][-1]:.3g}")
-    if args.out:
-        paths = runs.save_run(args.out, args.task, {"seed": args.seed, **settings}, result)
-        print("wrote " + ", ".join(str(p) for p in paths))
-    if result.stop_reason == "dead":
-        print("the ReLU is dead at this init (W_ih <= 0): train again with another --seed")
+def train(args) -> int:
+    if not args.out and (args.resume or args.overwrite or args.checkpoint_every):
+        raise ValueError("--resume, --overwrite and --checkpoint-every need --out")
+    given = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+             "length": args.max_length, "tol": args.tol, "skip_nonfinite": args.skip_nonfinite}
+    created = False
+    try:
+        with _ctrl_c(polled=True) as interrupted:  # from here on, Ctrl-C is a flag that fit polls
+            created = args.out and runs.prepare_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+            run = runs.train_run(args.task, first_seed=args.seed, given=given, out=args.out,
+                                 resume=args.resume, checkpoint_every=args.checkpoint_every,
+                                 interrupt=interrupted, progress=True, on_dead=_print_dead)
+            pressed = interrupted()
+    finally:
+        if created and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()  # never leave an empty folder behind
+    result = run.result
+    if run.resumed_at and args.resume:
+        print(f"resumed from step {run.resumed_at[-1]}")
+    print(f"{args.task}: seed {run.seed}, init {_weights(result.initial_params)}")
+    loss = f"{result.history['loss'][-1]:.3g}" if result.steps else "n/a"
+    print(f"trained {_describe(result)}: {_weights(result.state.params)}, final loss {loss}")
+    if run.paths:
+        print("wrote " + ", ".join(str(p) for p in run.paths))
+    where = f"saved in {args.out}" if args.out else "nothing saved (no --out)"
+    if pressed:  # even when the run ended meanwhile, Ctrl-C is never swallowed
+        if result.stop_reason != "interrupted":
+            print(f"rnnjax: interrupted after the run ended ({STOP_REASONS[result.stop_reason]}; {where})",
+                  file=sys.stderr)
+        else:
+            resume = f"; continue with: rnnjax train {args.task} --out {args.out} --resume" if args.out else ""
+            print(f"rnnjax: interrupted at step {result.steps} ({where}){resume}", file=sys.stderr)
+        return 130
+    failure = {
+        "dead": f"{len(run.dead_seeds) + 1} seeds in a row from {run.first_seed} gave a dead ReLU; "
+                "try another --seed",
+        "diverged": f"the run diverged at step {result.steps + 1} (a non-finite loss, gradient or weight); "
+                    f"its last finite state, after step {result.steps}, is {where}; try a lower --lr "
+                    "or --skip-nonfinite",
+        "budget": f"not converged within {result.steps} steps ({where}); "
+                  + (f"continue with: rnnjax train {args.task} --out {args.out} --resume --steps N"
+                     if args.out else "raise --steps"),
+    }.get(result.stop_reason)
+    if failure:
+        print(f"rnnjax: error: {failure}", file=sys.stderr)
+        return 1
+    return 0
 
 
-def evaluate(args) -> None:
-    params = runs.load_params(args.params, args.task)
+def evaluate(args) -> int:
+    loaded = runs.load_run(args.params, args.task)
     if args.input:
-        sequence = runs.read_sequence(args.input)
+        try:
+            sequence = inputs.read_sequence(args.input, bits=args.task == "count")
+        except ValueError as e:
+            raise ValueError(f"--input {e}") from None
     else:
         rng = np.random.default_rng(args.seed)
         sequence = rng.standard_normal(args.length) if args.task == "l1" else rng.integers(0, 2, args.length)
+    if not loaded.converged:
+        print(f"rnnjax: warning: --params {args.params}: not a converged run ({loaded.status}); "
+              "do not trust its outputs", file=sys.stderr)
     if args.task == "l1":
-        predicted, exact, error = runs.l1_check(params, sequence, args.method)
+        predicted, exact, error = tasks.l1_check(loaded.params, sequence, args.method)
         print(f"length {sequence.size}: predicted {predicted:.9g}, exact {exact:.9g} (float64), "
               f"relative error {error:.2e}")
-        return
-    predicted, exact = runs.count_check(params, sequence[None], args.method)
+        return 0
+    predicted, exact = tasks.count_check(loaded.params, sequence[None], args.method)
     print(f"length {sequence.size}: final count predicted {predicted[0, -1]:.6g}, exact "
           f"{exact[0, -1]:.6g}; largest error over all steps {np.abs(predicted - exact).max():.2e}")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,26 +237,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="first seed to try (default 0)")
     p.set_defaults(run=demo)
 
-    p = commands.add_parser("train", help="train one network; save weights, metrics and a plot")
-    p.add_argument("task", choices=sorted(runs.TASKS))
+    p = commands.add_parser("train", help="train one network; save checkpoints, metrics and a plot")
+    p.add_argument("task", choices=sorted(tasks.TASKS))
     p.add_argument("--steps", type=_positive_int, help="step budget (default 5000)")
     p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 0.1; b2 is 0.9999)")
     p.add_argument("--batch-size", type=_positive_int, help="sequences in the batch (default 8)")
     p.add_argument("--max-length", type=_positive_int,
                    help="longest sequence (l1, default 10) or every sequence's length (count, default 5)")
-    p.add_argument("--seed", type=_seed, default=0, help="fixes the init and every batch (default 0)")
-    p.add_argument("--tol", type=_positive_float, default=1e-9,
+    p.add_argument("--seed", type=_seed,
+                   help="first seed to try (default 0); a dead init draws again from the next seed")
+    p.add_argument("--tol", type=_positive_float,
                    help="stop once both weights are within TOL of 1 (default 1e-9: exactly 1.0 "
                         "in float32, which long sequences need)")
-    p.add_argument("--out", help="folder for params.msgpack, metrics.json and training.png")
+    p.add_argument("--skip-nonfinite", type=_count, metavar="N",
+                   help="skip up to N non-finite updates in a row (optax.apply_if_finite) instead of "
+                        "stopping as diverged at the first (default 0)")
+    p.add_argument("--out", type=_path, help="run folder: checkpoints/, metrics.json and training.png")
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help=f"save a checkpoint every N steps (default {runs.CHECKPOINT_EVERY}); always at the end")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    again.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.set_defaults(run=train)
 
     p = commands.add_parser("eval", help="run a trained network on a sequence")
-    p.add_argument("task", choices=sorted(runs.TASKS))
-    p.add_argument("--params", required=True, help="a folder written by 'rnnjax train --out'")
+    p.add_argument("task", choices=sorted(tasks.TASKS))
+    p.add_argument("--params", type=_path, required=True,
+                   help="a run folder written by 'rnnjax train --out', or one of its checkpoints/<step>")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--length", type=_positive_int, help="draw a random sequence this long")
-    source.add_argument("--input", help="a .npy, .csv or .txt file of numbers")
+    source.add_argument("--length", type=_length, help="draw a random sequence this long")
+    source.add_argument("--input", type=_path, help="a .npy, .csv or .txt file of numbers (count: 0s and 1s)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random sequence (default 0)")
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="'parallel' sums in tree order: use it from ~1e5 steps on")
@@ -174,19 +274,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keeps orbax's own reports off stderr, so that every refusal stays one line: its absl log
+    records, asyncio's complaints about its tasks, and the exceptions its threads leave behind
+    when a damaged checkpoint is read (what is wrong is in the one line instead)."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (2 for bad input, with one line on stderr)."""
-    args = _parser().parse_args(argv)
+    """Runs the command line; returns the exit status (see the module docstring)."""
+    with _ctrl_c(polled=False) as interrupted:
+        status = _run(argv)
+    if interrupted() and status != 130:  # a Ctrl-C that some library swallowed
+        print("rnnjax: interrupted", file=sys.stderr)
+        return 130
+    return status
+
+
+def _run(argv: list[str] | None) -> int:
     try:
-        args.run(args)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"rnnjax: error: {e}", file=sys.stderr)
-        return 2
+        args = _parser().parse_args(argv)
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("rnnjax: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError) as e:
+        print(f"rnnjax: error: {_one_line(e)}", file=sys.stderr)
+    except OSError as e:
+        print(f"rnnjax: error: {_one_line(f'{e.filename}: {e.strerror}' if e.filename else e)}", file=sys.stderr)
     except MemoryError:
         print("rnnjax: error: out of memory; try a shorter sequence", file=sys.stderr)
-        return 2
-    return 0
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print("rnnjax: error: out of memory; try a shorter sequence or a smaller batch", file=sys.stderr)
+    return 2
 
 
-if __name__ == "__main__":
+def script() -> None:
+    """The ``rnnjax`` program: ``main`` with the libraries quiet, then exit with its status."""
+    _quiet_libraries()
     sys.exit(main())

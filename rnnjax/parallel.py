@@ -1,135 +1,285 @@
-"""Exact parallel-in-time evaluation of an elementwise ReLU recurrence.
+"""Exact parallel-in-time evaluation of an elementwise ReLU recurrence, in blocks.
 
-One step of a scalar (or diagonal) ReLU cell is the map ``h -> max(0, w*h + u)``. Maps of the
-form ``h -> clip(lo + a*(h - t), lo, hi)`` (a ramp of slope ``a`` leaving the floor ``lo`` at
-``h = t``, capped at ``hi``) contain it and are closed under composition for any sign of
-``w``, so ``jax.lax.associative_scan`` composes all prefixes in O(log T) depth. Nothing is
-approximated: the scan computes the same function as the sequential loop, in another order of
-floating-point operations (a tree, which also rounds less than the loop on long sequences).
+``relu_scan`` computes ``h_t = max(0, w*h_{t-1} + u_t)`` for every ``t`` with the work split
+into blocks of ``block_size`` steps:
 
-The threshold form keeps the floor ``lo`` finite and never forms the offset ``a*t``: with
-``|w| > 1`` the slope of a long span overflows to infinity, and a slope-offset pair
-``a*h + b`` would then meet ``inf - inf``; here the map just becomes a step at ``t``.
-Padded steps are not composed at all: every step is scanned, and each state past a sequence's
-length is replaced by the state at its last step.
+1. each block's steps are composed into one ``Ramp`` (``rnnjax.ramps``): a ``lax.scan`` over the
+   steps of a block, vectorised across blocks and the batch;
+2. the state entering each block comes from the blocks' ramps, by the same method one level up
+   (blocks of blocks), until one block is left;
+3. each block runs again from its true entering state, evaluating its prefix ramps there.
 
-The gradient is a custom VJP: the adjoint of the recurrence is linear,
-``lambda_t = g_t + J_{t+1} lambda_{t+1}``, which a second associative scan solves in reverse.
+The program is ``O(log T / log block_size)`` loops deep, does ``O(T)`` work and keeps
+``O(batch * T)`` memory. Nothing is approximated: every state is the same function of the
+inputs as the sequential loop's, evaluated in another order.
+
+**Domain and bound.** For float32 and float64, ``w`` equal to 0 or of magnitude in
+``[1e-30, 3]``, inputs of magnitude up to ``1e6`` (or 0), any length and any initial state:
+wherever the sequential loop's states stay below ``1e30``, every state is finite and within
+
+    |h_t - exact_t| <= K * eps * max_{s <= t} |w|^(t - s) * (|w * h_{s-1}| + |u_s|)
+                       + K * tiny * (1 + max_s h_s)
+
+of the exact (float64) recurrence on the same inputs, where ``K = 8 * (block_size +
+16 * levels(T, block_size))``, ``eps`` is the dtype's machine epsilon and ``tiny`` its smallest normal
+number: a sum of magnitudes along one path of the computation, not of all steps. The
+sequential loop's own error grows with ``T`` instead (every step rounds its total); at ``T =
+1e8`` the L1 norm it returns is 46% off in float32, this one 2e-8 (benchmarks/NOTES.md).
+``tests/test_parallel.py`` checks the bound by property tests over that domain.
+
+**Why every quantity stays finite** (invariants of ``rnnjax.ramps.Ramp``):
+
+- A ramp's ``slope`` is clamped into ``[tiny, M]`` in magnitude after every product, so it is
+  never 0, never infinite. Clamping changes values by at most ``tiny * h``: a slope under
+  ``tiny`` meets states under ``M``, and one over ``M`` only meets inputs that send the exact
+  state past ``M`` (then beyond the domain) or within ``M / slope`` of the segment's start.
+- ``start`` and ``start_value`` are points of the domain and range: ``0 <= start, start_value
+  <= M``. ``end`` and ``end_value`` may be ``+inf`` (a segment that never ends).
+- Differences ``h - start``, ``value - start_value`` are of non-negative finite numbers, or
+  ``+inf`` minus a finite number: never ``inf - inf``. Divisions are by a slope, never 0.
+  ``slope * (h - start)`` is a finite times a finite. ``w * end_value`` with ``w = 0`` is
+  replaced by 0. So no NaN is ever formed, and an infinity only means an exact value past
+  ``M`` (a segment without end, or a state beyond the domain), which the clip then resolves.
+- ``start_value`` is the smallest value of an increasing ramp (the state reached from 0, no
+  larger than any state actually reached, so under ``1e30``) or, for ``w < 0``, at most the
+  largest input: it stays finite throughout the domain.
+
+The derivative is a ``custom_jvp``: the tangent obeys the linear recurrence
+``dh_t = J_t dh_{t-1} + [z_t > 0] (dw h_{t-1} + du_t)`` with ``J_t = w [z_t > 0]``, solved by the
+same blocked method on affine maps (whose products are clamped to ``[-M, M]``). JAX transposes it
+for reverse mode, and differentiates it again for second derivatives (``jax.hessian``,
+grad of grad), so every order of derivative is the sequential loop's, within rounding.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
+from rnnjax import ramps
 from rnnjax.masking import length_mask
 
-__all__ = ["relu_scan"]
+__all__ = ["relu_scan", "default_block_size", "levels"]
 
-Ramp = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # (a, t, lo, hi)
+# Steps per block: on a CPU 64 up to 2**15 steps and 128 beyond (benchmarks/NOTES.md, "Block
+# size"); on an accelerator 32, not yet measured. Higher levels group UPPER_BLOCK_SIZE blocks.
+_LONG = 2**15
+_BLOCK_SIZE = {"cpu": (64, 128)}
+_ACCELERATOR_BLOCK_SIZE = (32, 32)
+UPPER_BLOCK_SIZE = 16
 
 
-def _mul(factor: jax.Array, value: jax.Array) -> jax.Array:
-    """``factor * value`` with ``0 * inf = 0``: a zero on either side contributes nothing."""
-    return jnp.where((factor == 0) | (value == 0), 0, factor * value)
+def default_block_size(time: int, backend: str | None = None) -> int:
+    """Returns the block size ``relu_scan`` uses for sequences of ``time`` steps on ``backend``."""
+    short, long = _BLOCK_SIZE.get(backend or jax.default_backend(), _ACCELERATOR_BLOCK_SIZE)
+    return max(1, min(long if time > _LONG else short, time))
 
 
-def _steps(w: jax.Array, inputs: jax.Array) -> Ramp:
-    """Each step ``h -> max(0, w*h + u)`` as a ramp; a zero weight gives the constant max(0, u)."""
-    constant = jnp.broadcast_to(w == 0, inputs.shape)
-    safe_w = jnp.where(w == 0, 1, w)
-    floor = jnp.where(constant, jnp.maximum(inputs, 0), 0)
-    return (
-        jnp.broadcast_to(w, inputs.shape),
-        jnp.where(constant, 0, -inputs / safe_w),
-        floor,
-        jnp.where(constant, floor, jnp.inf),
+# ----------------------------------------------------------------------------------------------
+# The blocked driver, for any maps with an associative composition.
+
+
+def _to_blocks(tree: Any, size: int, fill: Any) -> Any:
+    """``(batch, n, features)`` leaves -> ``(size, batch, blocks, features)``; the last block is
+    padded with the leaves of ``fill`` (padding only feeds states that are cut off)."""
+
+    def block(x, value):
+        batch, n, features = x.shape
+        blocks = -(-n // size)
+        x = jnp.pad(x, ((0, 0), (0, blocks * size - n), (0, 0)), constant_values=value)
+        return x.reshape(batch, blocks, size, features).transpose(2, 0, 1, 3)
+
+    return jax.tree.map(block, tree, fill)
+
+
+def _from_blocks(x: jax.Array, n: int) -> jax.Array:
+    """``(size, batch, blocks, features)`` -> ``(batch, n, features)``."""
+    size, batch, blocks, features = x.shape
+    return x.transpose(1, 2, 0, 3).reshape(batch, blocks * size, features)[:, :n]
+
+
+def _prefix_states(
+    elements: Any,
+    start: jax.Array,
+    then: Callable[[Any, Any], Any],
+    algebra: tuple[Callable, Callable, Callable],
+    size: int,
+    step: Callable[[jax.Array, Any], jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Returns ``h_k = e_k(h_{k-1})`` for ``k < n``, with ``h_{-1} = start``, in blocks.
+
+    Args:
+      elements: a pytree of ``(batch, n, features)`` arrays, one element per position.
+      start: ``(batch, features)``, the state before the first element.
+      then: ``then(map, element)``, the map followed by one element.
+      algebra: ``(identity(shape, dtype), compose(first, second), evaluate(map, h))`` of the
+        maps that spans of elements form.
+      size: elements per block at this level.
+      step: ``step(h, element)``, one element applied to a state. Given, each block re-runs its
+        elements one by one from its entering state (the loop's own rounding); None re-runs by
+        evaluating each prefix map there (one rounding at the entering state's magnitude).
+
+    Returns:
+      ``(states, entering)``: ``states`` ``(batch, n, features)``, and ``entering``
+      ``(batch, blocks, features)``, the state before each block of ``size`` elements.
+    """
+    identity, compose, evaluate = algebra
+    n = jax.tree.leaves(elements)[0].shape[1]
+    padding = jax.tree.map(lambda _: 0, elements) if then is not compose else identity((), start.dtype)
+    blocks = _to_blocks(elements, size, padding)
+    block_shape = jax.tree.leaves(blocks)[0].shape[1:]
+    empty = identity(block_shape, start.dtype)
+
+    if block_shape[1] == 1:
+        entering = start[:, None]
+    else:
+        block_maps, _ = jax.lax.scan(lambda m, e: (then(m, e), None), empty, blocks)
+        ends, _ = _prefix_states(block_maps, start, compose, algebra, UPPER_BLOCK_SIZE)
+        entering = jnp.concatenate([start[:, None], ends[:, :-1]], axis=1)
+
+    if step is None:
+        def rerun(prefix, element):
+            prefix = then(prefix, element)
+            return prefix, evaluate(prefix, entering)
+        _, states = jax.lax.scan(rerun, empty, blocks)
+    else:
+        _, states = jax.lax.scan(lambda h, e: (step(h, e),) * 2, entering, blocks)
+    return _from_blocks(states, n), entering
+
+
+_RAMPS = (ramps.identity, ramps.compose, ramps.evaluate)
+
+
+def _clamp(x: jax.Array) -> jax.Array:
+    info = jnp.finfo(x.dtype)
+    return jnp.clip(x, -info.max, info.max)
+
+
+def _scale(factor: jax.Array, value: jax.Array) -> jax.Array:
+    """``factor * value``, 0 where the factor is 0 (even for an infinite value); linear in value."""
+    return jnp.where(factor == 0, 0, factor * value)
+
+
+def _affine_identity(shape, dtype):
+    return jnp.ones(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def _affine_then(first, second):
+    """``y -> a2 * (a1 * y + b1) + b2``: the pair ``(a1, b1)`` followed by ``(a2, b2)``."""
+    (a1, b1), (a2, b2) = first, second
+    return _clamp(a1 * a2), _scale(a2, b1) + b2
+
+
+def _affine_evaluate(affine, y):
+    a, b = affine
+    return _scale(a, y) + b
+
+
+_AFFINE = (_affine_identity, _affine_then, _affine_evaluate)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recurrence and its derivatives.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _from_zero(w: jax.Array, inputs: jax.Array, lengths: jax.Array, block_size: int) -> jax.Array:
+    """States of ``h_t = max(0, w*h_{t-1} + inputs_t)`` from ``h_{-1} = 0``, zero past lengths.
+
+    Each block re-runs the loop's own steps from its exact entering state; the last state of
+    each sequence is computed again by evaluating its block's prefix ramp there, which rounds
+    once at that magnitude instead of once a step (what keeps a 1e8-step L1 norm exact).
+    """
+    batch, time, features = inputs.shape
+    start = jnp.zeros((batch, features), inputs.dtype)
+    states, entering = _prefix_states(
+        inputs, start, lambda m, u: ramps.then_step(m, w, u), _RAMPS, block_size,
+        step=lambda h, u: jnp.maximum(w * h + u, 0),
     )
+    last = jnp.maximum(lengths - 1, 0)
+    first_of_block = last // block_size * block_size
+    steps = first_of_block[:, None] + jnp.arange(block_size)  # (batch, block_size)
+    block_inputs = jnp.take_along_axis(inputs, jnp.minimum(steps, time - 1)[..., None], axis=1)
+    block_start = jnp.take_along_axis(entering, (last // block_size)[:, None, None], axis=1)[:, 0]
+
+    def then_if(prefix, x):  # steps past the last one leave the prefix as it is
+        take, u = x
+        return jax.tree.map(lambda new, old: jnp.where(take, new, old),
+                            ramps.then_step(prefix, w, u), prefix), None
+
+    for_last, _ = jax.lax.scan(
+        then_if, ramps.identity((batch, features), inputs.dtype),
+        ((steps <= last[:, None]).T[..., None], block_inputs.swapaxes(0, 1)),
+    )
+    position = jnp.arange(time)[None, :, None]
+    states = jnp.where(position == last[:, None, None],
+                       ramps.evaluate(for_last, block_start)[:, None], states)
+    return jnp.where(position < lengths[:, None, None], states, 0)
 
 
-def _compose(first: Ramp, second: Ramp) -> Ramp:
-    """Returns ``second ∘ first``."""
-    a1, t1, lo1, hi1 = first
-    a2, t2, lo2, hi2 = second
-    # second's affine part at first's bounds; at lo1 it is also the composition's value at t1.
-    image_lo = lo2 + _mul(a2, lo1 - t2)
-    image_hi = lo2 + _mul(a2, hi1 - t2)
-    rising = a2 >= 0
-    # clip(clip(z, l, u), lo2, hi2) == clip(z, clip(l, lo2, hi2), clip(u, lo2, hi2)).
-    lo = jnp.clip(jnp.where(rising, image_lo, image_hi), lo2, hi2)
-    hi = jnp.clip(jnp.where(rising, image_hi, image_lo), lo2, hi2)
-    a = a1 * a2
-    # The composition is image_lo + a*(h - t1); it meets its floor lo at t = t1 + (lo - image_lo)/a,
-    # computed without forming a*(...) so that a huge slope cannot overflow it. When the floor
-    # is image_lo itself (no clipping), t is t1 exactly, which keeps sums in tree order.
-    shift = ((lo - lo2) / jnp.where(a2 == 0, 1, a2) + (t2 - lo1)) / jnp.where(a1 == 0, 1, a1)
-    t = jnp.where((lo == image_lo) | (a == 0), t1, t1 + shift)
-    return a, t, lo, hi
+@_from_zero.defjvp
+def _from_zero_jvp(block_size, primals, tangents):
+    w, inputs, lengths = primals
+    dw, dinputs, _ = tangents
+    states = _from_zero(w, inputs, lengths, block_size)
+    previous = jnp.concatenate([jnp.zeros_like(states[:, :1]), states[:, :-1]], axis=1)
+    # The ReLU's derivative is 1 where it fired (strictly, as jax.nn.relu's) and 0 elsewhere,
+    # past each length included, so tangents there are 0 like the states.
+    fired = length_mask(lengths, inputs.shape[1])[..., None] & (w * previous + inputs > 0)
+    jacobians = jnp.where(fired, w, 0)
+    drive = dw * jnp.where(fired, previous, 0) + jnp.where(fired, dinputs, 0)
+    start = jnp.zeros_like(states[:, 0])
+    dstates, _ = _prefix_states((jacobians, drive), start, _affine_then, _AFFINE, block_size,
+                                step=lambda y, e: _affine_evaluate(e, y))
+    return states, dstates
 
 
-def _compose_affine_reversed(later, earlier):
-    """Returns ``earlier ∘ later`` for affine maps ``lam -> A*lam + B`` (a reverse scan's order)."""
-    a_later, b_later = later
-    a_earlier, b_earlier = earlier
-    return a_earlier * a_later, _mul(a_earlier, b_later) + b_earlier
+def relu_scan(
+    w: jax.Array,
+    inputs: jax.Array,
+    lengths: jax.Array,
+    h0: jax.Array,
+    *,
+    block_size: int | None = None,
+) -> jax.Array:
+    """Runs ``h_t = max(0, w*h_{t-1} + inputs_t)`` for ``t < lengths``, exactly, in blocks.
 
-
-def _forward(w, inputs, lengths, h0):
-    mask = length_mask(lengths, inputs.shape[1])[..., None]
-    a, t, lo, hi = jax.lax.associative_scan(_compose, _steps(w, jnp.where(mask, inputs, 0)), axis=1)
-    states = jnp.clip(lo + _mul(a, h0[:, None] - t), lo, hi)
-    # Past its length a sequence keeps the state of its last step (h0 if it has none).
-    last = jnp.take_along_axis(states, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-    final = jnp.where(lengths[:, None] > 0, last, h0)
-    return jnp.where(mask, states, final[:, None])
-
-
-@jax.custom_vjp
-def relu_scan(w: jax.Array, inputs: jax.Array, lengths: jax.Array, h0: jax.Array) -> jax.Array:
-    """Runs ``h_t = max(0, w*h_{t-1} + inputs_t)`` for ``t < lengths``, ``h_t = h_{t-1}`` after.
+    See the module docstring for the domain, the error bound and why it is finite.
 
     Args:
       w: the diagonal of the recurrent matrix, ``(features,)``.
-      inputs: the projected inputs ``x_t @ W_ih``, ``(batch, time, features)``.
-      lengths: ``(batch,)`` int32 in ``[0, time]``; later steps leave the state unchanged,
-        whatever their inputs.
+      inputs: the projected inputs ``x_t @ W_ih``, ``(batch, time, features)``; float32 or
+        float64.
+      lengths: ``(batch,)`` integers in ``[0, time]``.
       h0: the initial state, ``(batch, features)``.
+      block_size: steps per block; None takes ``default_block_size(time)``.
 
     Returns:
-      The state after every step, ``(batch, time, features)``, frozen from ``lengths`` on.
+      The state after every step, ``(batch, time, features)``, zero from ``lengths`` on.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> inputs = jnp.array([[[3.0], [5.0], [7.0], [2.0]]])
+      >>> inputs = jnp.array([[[3.0], [-5.0], [7.0], [2.0]]])
       >>> relu_scan(jnp.ones(1), inputs, jnp.array([3]), jnp.zeros((1, 1)))[0, :, 0]
-      Array([ 3.,  8., 15., 15.], dtype=float32)
+      Array([3., 0., 7., 0.], dtype=float32)
     """
-    return _forward(w, inputs, lengths, h0)
+    time = inputs.shape[1]
+    size = default_block_size(time) if block_size is None else block_size
+    if not (isinstance(size, int) and size >= 1):
+        raise ValueError(f"block_size must be a positive integer; received {block_size!r}.")
+    # The first step sees w*h0 + u_0 (summed as the loop sums it), so the scan starts from 0.
+    inputs = inputs.at[:, 0].set(inputs[:, 0] + h0 * w)
+    return _from_zero(w, inputs, lengths, size)
 
 
-def _relu_scan_fwd(w, inputs, lengths, h0):
-    states = _forward(w, inputs, lengths, h0)
-    return states, (w, inputs, lengths, h0, states)
-
-
-def _relu_scan_bwd(residuals, cotangents):
-    w, inputs, lengths, h0, states = residuals
-    m = length_mask(lengths, inputs.shape[1])[..., None]
-    previous = jnp.concatenate([h0[:, None], states[:, :-1]], axis=1)
-    fired = m & (w * previous + jnp.where(m, inputs, 0) > 0)
-    # d h_t / d h_{t-1}: w where the ReLU fired, 0 where it did not, 1 on a padded (frozen) step.
-    jacobians = jnp.where(m, jnp.where(fired, w, 0), 1).astype(states.dtype)
-    next_jacobians = jnp.concatenate(
-        [jacobians[:, 1:], jnp.zeros_like(jacobians[:, :1])], axis=1
-    )
-    # Adjoint: lam_t = g_t + J_{t+1} * lam_{t+1}, a linear recurrence run backwards in time.
-    _, adjoints = jax.lax.associative_scan(
-        _compose_affine_reversed, (next_jacobians, cotangents), axis=1, reverse=True
-    )
-    pre_activation_grads = jnp.where(fired, adjoints, 0)
-    w_grad = jnp.sum(_mul(pre_activation_grads, previous), axis=(0, 1))
-    h0_grad = jacobians[:, 0] * adjoints[:, 0]
-    return w_grad.astype(w.dtype), pre_activation_grads, None, h0_grad
-
-
-relu_scan.defvjp(_relu_scan_fwd, _relu_scan_bwd)
+def levels(time: int, block_size: int) -> int:
+    """Loops deep the blocked scan is for ``time`` steps (1 when one block holds them all)."""
+    depth, n = 1, math.ceil(time / block_size)
+    while n > 1:
+        depth, n = depth + 1, math.ceil(n / UPPER_BLOCK_SIZE)
+    return depth

@@ -22,7 +22,7 @@ def plot_training(history: dict[str, np.ndarray], file: BinaryIO, *, title: str 
       title: a title for the figure.
     """
     steps = history["step"]
-    weights = [k for k in history if k not in ("step", "loss", "grad_norm", "weight_error")]
+    weights = [k for k in history if k not in ("step", "loss", "grad_norm", "weight_error", "skipped")]
     fig, (loss_ax, weight_ax) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     loss_ax.semilogy(steps, np.maximum(history["loss"], np.finfo(np.float32).tiny))
     loss_ax.set(xlabel="step", ylabel="loss (MSE)", title="loss")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,12 @@ METHODS: tuple[str, ...] = get_args(Method)
 # (unroll 16 or more is 10-30x slower); on an H100 unroll 8 took a plain scan from 105 to 13.6 ms.
 _UNROLL = {"cpu": 1}
 _ACCELERATOR_UNROLL = 8
+
+# From this many steps on, "auto" runs a ReLU cell in parallel on a CPU too. The loop's float32
+# L1 norm of N(0, 1) inputs, worst of 40 sequences, is 5.2e-7 off at 256 steps, 8.6e-7 at 512,
+# 1.1e-6 at 1024 and 0.46 at 1e8; the blocked scan's is 2e-7 or less at every length up to 1e8
+# (benchmarks/NOTES.md, "What auto picks").
+AUTO_PARALLEL_FROM = 256
 
 
 def check_sequences(xs: Any, name: str = "xs") -> jax.Array:
@@ -53,14 +60,17 @@ def _check_lengths(lengths: Any, batch: int, time: int) -> jax.Array:
             f"lengths must be integers; received dtype {lengths.dtype}. "
             "Convert them with lengths.astype(jnp.int32)."
         )
-    if isinstance(lengths, np.ndarray) and (lengths.min() < 0 or lengths.max() > time):
-        raise ValueError(
-            f"lengths must lie in [0, {time}] (the time axis of xs); "
-            f"received values from {lengths.min()} to {lengths.max()}."
-        )
-    if isinstance(lengths, jax.core.Tracer) and jnp.iinfo(lengths.dtype).bits > 32:
-        lengths = jnp.clip(lengths, 0, time)  # so that the cast below cannot wrap around
-    return jnp.asarray(lengths).astype(jnp.int32)
+    if isinstance(lengths, np.ndarray):
+        if lengths.min() < 0 or lengths.max() > time:
+            raise ValueError(
+                f"lengths must lie in [0, {time}] (the time axis of xs); "
+                f"received values from {lengths.min()} to {lengths.max()}."
+            )
+    elif jnp.iinfo(lengths.dtype).max > jnp.iinfo(jnp.int32).max:
+        # Traced: clip in the lengths' own type (uint32 and 64-bit values cannot wrap to
+        # negative int32 numbers), as documented: above `time` acts as `time`.
+        lengths = jnp.minimum(lengths, time)
+    return jnp.clip(jnp.asarray(lengths).astype(jnp.int32), 0, time)
 
 
 def _parallel_refusal(cell: nn.Module) -> str | None:
@@ -76,12 +86,18 @@ def _parallel_refusal(cell: nn.Module) -> str | None:
     return None
 
 
-def resolve_method(cell: nn.Module, method: str) -> str:
+def resolve_method(cell: nn.Module, method: str, *, time: int | None = None) -> str:
     """Returns the method ``rnn`` will use, or raises if ``cell`` cannot use the one asked for.
 
-    "auto" takes "parallel" on an accelerator when the cell allows it (a plain scan launches
-    work step by step there) and "sequential" on a CPU, where benchmarks/NOTES.md measured the
-    scan 2-14x faster than the parallel form at every length from 1e2 to 1e6 steps.
+    "auto" is the fastest method that is accurate (benchmarks/NOTES.md, "What auto picks"):
+    "parallel" whenever the cell allows it, on an accelerator (a plain scan launches work step
+    by step there) and on a CPU from ``AUTO_PARALLEL_FROM`` (256) steps on, where the loop's
+    float32 sums start to drift towards 1e-6 relative; "sequential" otherwise.
+
+    Args:
+      cell: the cell ``rnn`` runs.
+      method: "sequential", "parallel" or "auto".
+      time: the number of steps, for "auto"; None counts as short.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; received {method!r}.")
@@ -89,7 +105,8 @@ def resolve_method(cell: nn.Module, method: str) -> str:
     if method == "parallel" and refusal:
         raise ValueError(refusal)
     if method == "auto":
-        return "parallel" if refusal is None and jax.default_backend() != "cpu" else "sequential"
+        long = time is not None and time >= AUTO_PARALLEL_FROM
+        return "parallel" if refusal is None and (long or jax.default_backend() != "cpu") else "sequential"
     return method
 
 
@@ -99,33 +116,36 @@ def rnn(
     xs: jax.Array,
     lengths: jax.Array | None = None,
     *,
-    initial_state: jax.Array | None = None,
+    initial_state: Any = None,
     method: Method = "auto",
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Any, jax.Array]:
     """Runs ``cell`` over the time axis of ``xs``, each sequence stopping at its length.
 
-    Past a sequence's length its state is frozen and its outputs are zero; padded inputs are
+    Past a sequence's length its carry is frozen and its outputs are zero; padded inputs are
     replaced by zeros before they reach the cell, so neither the result nor its gradient depends
     on them (NaN included).
 
     Args:
-      cell: a ``ReLUCell``; with ``method="sequential"``, any flax cell whose carry is one
-        ``(batch, features)`` array and whose ``__call__(carry, x)`` returns
-        ``(new_carry, output)`` (``states`` are then its carries).
+      cell: a ``ReLUCell``; with ``method="sequential"``, any flax cell whose
+        ``__call__(carry, x)`` returns ``(new_carry, output)`` and whose carry is an array or a
+        pytree of arrays (``nn.LSTMCell``, ``nn.GRUCell``, ...).
       params: the cell's variables, as returned by ``cell.init``.
       xs: inputs, ``(batch, time, features)``, floating point.
       lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full. The
         range is checked when the values are concrete; under ``jit`` a length above ``time``
-        acts as ``time`` and a negative one as 0.
-      initial_state: ``(batch, cell.features)``; None means zeros.
-      method: "sequential" (one ``lax.scan``), "parallel" (``lax.associative_scan`` in
-        O(log time) depth, exact; ``ReLUCell`` with ``features == 1`` or ``diagonal=True``
-        only), or "auto" (see ``resolve_method``).
+        acts as ``time`` and a negative one as 0, whatever the integer type.
+      initial_state: the carry before the first step, shaped like
+        ``cell.initialize_carry(key, xs[:, 0].shape)``; None means that (zeros).
+      method: "sequential" (one ``lax.scan``), "parallel" (the exact blocked scan of
+        ``rnnjax.parallel``; ``ReLUCell`` with ``features == 1`` or ``diagonal=True`` only;
+        weights below float32 precision are computed in float32), or "auto" (see
+        ``resolve_method``).
 
     Returns:
-      ``(final_state, states)``: ``final_state`` ``(batch, features)`` is the state after step
-      ``lengths[b] - 1`` (the initial state where the length is 0); ``states``
-      ``(batch, time, features)`` holds the state after each step, zero from ``lengths[b]`` on.
+      ``(final_state, states)``: ``final_state`` is the carry after step ``lengths[b] - 1`` (the
+      initial state where the length is 0); ``states`` ``(batch, time, out_features)`` holds the
+      cell's output at each step, zero from ``lengths[b]`` on. For a ``ReLUCell`` the output is
+      the state, ``(batch, time, features)``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -143,52 +163,78 @@ def rnn(
             "Add a features axis with xs[..., None], or a batch axis with xs[None]."
         )
     batch, time, _ = xs.shape
-    method = resolve_method(cell, method)
+    method = resolve_method(cell, method, time=time)
     if lengths is None:
         lengths = jnp.full((batch,), time, jnp.int32)
     lengths = _check_lengths(lengths, batch, time)
     mask = length_mask(lengths, time)
     xs = jnp.where(mask[..., None], xs, 0)
+    initial_state = _initial_state(cell, params, xs, initial_state)
+    run = _parallel if method == "parallel" else _sequential
+    return run(cell, params, xs, lengths, initial_state)
+
+
+def _initial_state(cell, params, xs, initial_state):
+    """Checks ``initial_state`` (or makes the zero one) against what the cell's step expects,
+    and casts it to the dtype one step returns (inputs, weights and state promoted together)."""
+    step_shape = xs[:, 0].shape
+    expected = jax.eval_shape(lambda key: cell.initialize_carry(key, step_shape), jax.random.key(0))
     if initial_state is None:
         initial_state = cell.initialize_carry(jax.random.key(0), xs[:, 0].shape)
-    initial_state = jnp.asarray(initial_state)
-    if initial_state.shape != (batch, cell.features):
+    initial_state = jax.tree.map(jnp.asarray, initial_state)
+    received = jax.tree.map(lambda leaf: leaf.shape, initial_state)
+    shapes = jax.tree.map(lambda leaf: leaf.shape, expected)
+    if received != shapes:
+        if isinstance(expected, jax.ShapeDtypeStruct):
+            raise ValueError(
+                f"initial_state must have shape (batch, features) = {shapes}; "
+                f"received shape {received}."
+            )
         raise ValueError(
-            f"initial_state must have shape (batch, features) = ({batch}, {cell.features}); "
-            f"received shape {initial_state.shape}."
+            f"initial_state must be shaped like the cell's carry {shapes}; received {received}. "
+            "Leave it None for zeros, or start from cell.initialize_carry(key, xs[:, 0].shape)."
         )
-    # The carry's dtype is what one step returns (inputs, weights and state promoted together).
-    initial_state = initial_state.astype(jnp.promote_types(xs.dtype, initial_state.dtype))
-    step_shape = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
-    initial_state = initial_state.astype(step_shape.dtype)
-
-    run = _parallel if method == "parallel" else _sequential
-    final_state, carries = run(cell, params, xs, lengths, initial_state)
-    return final_state, jnp.where(mask[..., None], carries, 0)
+    initial_state = jax.tree.map(
+        lambda h: h.astype(jnp.promote_types(xs.dtype, h.dtype)), initial_state)
+    try:
+        step = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
+    except flax.errors.ScopeParamShapeError as e:
+        weights = jax.tree.map(jnp.shape, params)
+        raise ValueError(
+            f"params do not fit xs of shape {xs.shape}: the cell's weights {weights} were made "
+            f"for another number of input features ({e}). Initialise the cell with inputs "
+            f"shaped like xs[:, 0] = {xs[:, 0].shape}."
+        ) from None
+    return jax.tree.map(lambda h, s: h.astype(s.dtype), initial_state, step)
 
 
 def _sequential(cell, params, xs, lengths, initial_state):
-    """One ``lax.scan``; returns the final state and every carry, frozen past each length."""
+    """One ``lax.scan``; returns the final carry and the outputs, zero past each length."""
     lengths = lengths[:, None]
 
     def step(carry, x):
         state, t = carry
-        new_state, _ = cell.apply(params, state, x)
+        new_state, output = cell.apply(params, state, x)
         # A step counter in the carry: cheaper than scanning over a mask (2x at batch 8 on a CPU).
-        state = jnp.where(t < lengths, new_state, state)
-        return (state, t + 1), state
+        active = t < lengths
+        state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
+        return (state, t + 1), jnp.where(active, output, 0)
 
     unroll = _UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL)
-    (final_state, _), carries = jax.lax.scan(
+    (final_state, _), outputs = jax.lax.scan(
         step, (initial_state, jnp.zeros((), jnp.int32)), jnp.swapaxes(xs, 0, 1), unroll=unroll
     )
-    return final_state, jnp.swapaxes(carries, 0, 1)
+    return final_state, jnp.swapaxes(outputs, 0, 1)
 
 
 def _parallel(cell, params, xs, lengths, initial_state):
-    """The same as ``_sequential``, by an associative scan of ramps (see rnnjax.parallel)."""
+    """The same as ``_sequential``, by the exact blocked scan of ``rnnjax.parallel``."""
     weights = params["params"]
-    inputs = jnp.dot(xs, weights["W_ih"], precision=PRECISION)
-    w_hh = weights["W_hh"].reshape(-1).astype(inputs.dtype)
-    carries = relu_scan(w_hh, inputs, lengths, initial_state.astype(inputs.dtype))
-    return carries[:, -1], carries
+    dtype = initial_state.dtype
+    compute = jnp.promote_types(dtype, jnp.float32)  # float16 and bfloat16 weights: float32
+    inputs = jnp.dot(xs.astype(compute), weights["W_ih"].astype(compute), precision=PRECISION)
+    w_hh = weights["W_hh"].reshape(-1).astype(compute)
+    states = relu_scan(w_hh, inputs, lengths, initial_state.astype(compute))
+    last = jnp.take_along_axis(states, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    final_state = jnp.where(lengths[:, None] > 0, last, initial_state.astype(compute))
+    return final_state.astype(dtype), states.astype(dtype)

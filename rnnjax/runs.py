@@ -1,97 +1,82 @@
-"""Training runs of the two seed tasks: settings, saved files, and reading input sequences."""
+"""Saved runs: a folder with a run's checkpoints, ``metrics.json`` and ``training.png``.
+
+``train_run`` trains a seed task into such a folder: an orbax checkpoint every N steps
+(``rnnjax.checkpoints``), and at the end the final checkpoint, then the metrics and the plot,
+each file written under a temporary name and renamed into place. ``metrics.json`` exists only
+for a run that has ended (converged or not); an interrupted or killed run has checkpoints alone,
+and ``train_run(..., resume=True)`` continues it exactly. ``load_run`` reads any checkpoint
+back for evaluation and says whether the run behind it converged.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import serialization
 
-from rnnjax.data import Batch, count_batch, l1_batch
-from rnnjax.models import L1Norm, RunningCount
-from rnnjax.recurrence import Method
-from rnnjax.train import FitResult, fit, weights_by_path
+import rnnjax
+from rnnjax.cell import ReLUCell
+from rnnjax.checkpoints import (checkpoint_info, checkpoint_steps, delete_checkpoints, restore_checkpoint,
+                                save_checkpoint)
+from rnnjax.recurrence import resolve_method
+from rnnjax.tasks import DEAD_SEED_TRIES, TASKS, task_settings, task_start, train_until_live
+from rnnjax.train import CONVERGED, STOP_REASONS, FitResult, weights_by_path
 
-__all__ = ["Task", "TASKS", "train_task", "l1_check", "count_check", "write_atomically", "save_run",
-           "load_params", "read_sequence"]
+__all__ = ["CHECKPOINTS", "METRICS", "PLOT", "CHECKPOINT_EVERY", "Run", "LoadedRun", "write_atomically",
+           "prepare_run_folder", "train_run", "load_run"]
 
-
-class Task(NamedTuple):
-    """A seed task: its network, its batches, and the settings it trains with by default."""
-
-    model: Callable[..., nn.Module]
-    batch: Callable[[jax.Array, int, int], Batch]  # (key, batch_size, length) -> Batch
-    lr: float = 0.1
-    batch_size: int = 8
-    length: int = 10  # the longest length (l1) or every sequence's length (count)
-    steps: int = 5000
+CHECKPOINTS, METRICS, PLOT = "checkpoints", "metrics.json", "training.png"
+CHECKPOINT_EVERY = 1000  # steps; a save takes 50-300 ms on a 2-core CPU, 1000 steps about 0.4 s
+_FLAGS = {"length": "--max-length"}  # settings whose command-line flag has another name
+# Settings a resumed run may change: they alter neither the steps already taken nor the next ones.
+RESUMABLE = ("steps", "checkpoint_every")
 
 
-TASKS = {
-    "l1": Task(L1Norm, l1_batch),
-    "count": Task(RunningCount, count_batch, length=5),
-}
+class Run(NamedTuple):
+    """What ``train_run`` did.
 
-# Adam's second-moment decay. With the default 0.999 the estimate shrinks with the gradients
-# near the optimum until the steps overshoot; 0.9999 took every live seed of 40 to exactly 1.0
-# (benchmarks/NOTES.md, "Training").
-ADAM_B2 = 0.9999
-
-
-def train_task(
-    task: str,
-    *,
-    seed: int,
-    steps: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    length: int | None = None,
-    tol: float = 1e-9,
-    progress: bool = False,
-) -> FitResult:
-    """Trains a task's network with Adam on a fresh batch each step until both weights are
-    within ``tol`` of 1 (None settings take the task's defaults); ``seed`` fixes everything.
-
-    The default ``tol`` of 1e-9 is below float32's spacing at 1, so it asks for 1.0 itself:
-    a 10,000-step L1 norm is 3e-4 off when ``W_hh`` is one ulp away from 1.
+    Attributes:
+      task: the task's name.
+      settings: every setting used (``task_settings`` and "checkpoint_every").
+      first_seed: the seed asked for.
+      seed: the seed of ``result``; seeds before it (``dead_seeds``) drew a dead ReLU.
+      dead_seeds: the seeds abandoned as dead, in order.
+      result: the ``FitResult`` of ``seed``.
+      resumed_at: the steps at which this run was resumed, oldest first.
+      paths: the files and checkpoint written at the end ([] without a folder).
     """
-    spec = TASKS[task]
-    batch_size, length = batch_size or spec.batch_size, length or spec.length
-    return fit(
-        spec.model(),
-        optax.adam(lr or spec.lr, b2=ADAM_B2),
-        lambda key: spec.batch(key, batch_size, length),
-        seed=seed,
-        max_steps=steps or spec.steps,
-        target_weight=1.0,
-        weight_tol=tol,
-        progress=progress,
-    )
+
+    task: str
+    settings: dict
+    first_seed: int
+    seed: int
+    dead_seeds: list[int]
+    result: FitResult
+    resumed_at: list[int]
+    paths: list[Path]
 
 
-def l1_check(params: Any, sequence: np.ndarray, method: Method = "auto") -> tuple[float, float, float]:
-    """Returns ``(predicted, exact, relative_error)`` of the L1 norm of one sequence; ``exact``
-    is the float64 sum of ``|x|``."""
-    predicted = float(jax.jit(L1Norm(method=method).apply)(params, jnp.asarray(sequence, jnp.float32)[None])[0])
-    exact = float(np.abs(np.asarray(sequence, np.float64)).sum())
-    return predicted, exact, abs(predicted - exact) / max(exact, np.finfo(np.float64).tiny)
+class LoadedRun(NamedTuple):
+    """A checkpoint read back by ``load_run``.
 
+    Attributes:
+      params: the network's variables.
+      step: the checkpoint's step.
+      converged: True when both weights are within the run's ``tol`` of 1.
+      status: for a run that did not converge, why: its stop reason, or that it never ended.
+    """
 
-def count_check(params: Any, bits: np.ndarray, method: Method = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """Returns ``(predicted, exact)`` running counts, each ``(batch, time)``, of ``bits``
-    ``(batch, time)``."""
-    bits = np.asarray(bits, np.float32)
-    predicted = jax.jit(RunningCount(method=method).apply)(params, jnp.asarray(bits))
-    return np.asarray(predicted), np.cumsum(bits, axis=1)
+    params: Any
+    step: int
+    converged: bool
+    status: str
 
 
 def write_atomically(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -110,95 +95,290 @@ def write_atomically(path: Path, write: Callable[[Any], None], mode: str = "wb")
         raise
 
 
-def save_run(out: str | os.PathLike, task: str, settings: dict, result: FitResult) -> list[Path]:
-    """Saves ``params.msgpack``, ``metrics.json`` and ``training.png`` under ``out``; returns them."""
-    from rnnjax.plot import plot_training  # matplotlib loads only when a run is saved
+def _ours(name: str) -> bool:
+    """True for the names a run folder holds: its files, and their temporary names."""
+    return name in (CHECKPOINTS, METRICS, PLOT) or name.startswith(
+        tuple(f".{n}." for n in (CHECKPOINTS, METRICS, PLOT)))
 
+
+def prepare_run_folder(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> bool:
+    """Checks the ``--out`` folder before any training, and empties it for ``overwrite``.
+
+    A missing or empty folder is used; one that holds a run needs ``resume`` (to continue it)
+    or ``overwrite`` (to replace it); ``overwrite`` deletes only a run folder's own files.
+
+    Returns:
+      True when this call created the folder (it is still empty).
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    params = jax.device_get(result.state.params)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if resume:
+        if not (out / CHECKPOINTS).is_dir():
+            raise ValueError(f"--out {out}: holds no run to resume (no {CHECKPOINTS} folder)")
+        return False
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    strangers = [p.name for p in entries if not _ours(p.name)]
+    if strangers:
+        raise ValueError(f"--out {out}: holds files that are not an rnnjax run ({strangers[0]!r}); "
+                         "choose another folder")
+    if entries and not overwrite:
+        raise ValueError(f"--out {out}: already holds a run; pass --resume to continue it or "
+                         "--overwrite to replace it")
+    for entry in entries:
+        if entry.name == CHECKPOINTS:
+            delete_checkpoints(entry)
+        elif entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    return created
+
+
+def _run_info(task: str, settings: dict, first_seed: int, dead_seeds: list[int], resumed_at: list[int]) -> dict:
+    return {"task": task, "settings": settings, "first_seed": first_seed, "dead_seeds": dead_seeds,
+            "resumed_at": resumed_at}
+
+
+def _resume_point(out: Path, task: str, given: dict, first_seed: int | None) -> tuple[dict, FitResult]:
+    """Reads the latest checkpoint under ``out``; returns its run info and its state, with the
+    settings ``given`` on the command line checked against the run's (only ``RESUMABLE`` may
+    change)."""
+    folder = out / CHECKPOINTS
+    steps = checkpoint_steps(folder)
+    if not steps:
+        raise ValueError(f"--out {out}: holds no complete checkpoint to resume; start afresh with --overwrite")
+    info = checkpoint_info(folder, steps[-1])
+    run = info["run"]
+    _check_run_info(run, folder / str(steps[-1]))
+    if run["task"] != task:
+        raise ValueError(f"--out {out}: holds a run of the {run['task']!r} network, not {task!r}")
+    if first_seed is not None and first_seed != run["first_seed"]:
+        raise ValueError(f"--seed {first_seed}: the run in {out} started from seed {run['first_seed']}; "
+                         "a resumed run keeps its seed")
+    settings = dict(run["settings"])
+    for name, value in given.items():
+        if name in RESUMABLE:
+            settings[name] = value
+        elif value != settings[name]:
+            raise ValueError(f"{_FLAGS.get(name, '--' + name.replace('_', '-'))} {value}: the run in {out} trains with "
+                             f"{settings[name]}; a resumed run keeps its settings")
+    metrics = _read_metrics(out)
+    if metrics is not None and metrics.get("steps") == steps[-1]:
+        reason = metrics.get("stop_reason")
+        if reason != "budget":
+            raise ValueError(f"--out {out}: that run already ended ({STOP_REASONS.get(reason, reason)}, "
+                             f"step {steps[-1]}); nothing to resume")
+        if settings["steps"] <= steps[-1]:
+            raise ValueError(f"--out {out}: that run spent its budget of {steps[-1]} steps; "
+                             "pass a larger --steps to continue it")
+    template = task_start(task, _training_settings(settings), seed=info["seed"])
+    start = restore_checkpoint(folder, steps[-1], template)
+    if start.steps > settings["steps"]:
+        raise ValueError(f"--steps {settings['steps']}: that run has taken {start.steps} steps already")
+    return {**run, "settings": settings, "seed": info["seed"]}, start
+
+
+def _check_run_info(run: dict, where: Path) -> None:
+    """Refuses run info that ``train_run`` did not write (a foreign or damaged checkpoint)."""
+    settings = run.get("settings")
+    expected = set(task_settings("l1")) | {"checkpoint_every"}
+    if (run.get("task") not in TASKS or not isinstance(settings, dict) or set(settings) != expected
+            or not isinstance(run.get("first_seed"), int) or not isinstance(run.get("dead_seeds"), list)
+            or not isinstance(run.get("resumed_at"), list)):
+        raise ValueError(f"{where}: not a checkpoint of an rnnjax run (its run record is not one "
+                         "'rnnjax train' writes)")
+
+
+def _training_settings(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k != "checkpoint_every"}
+
+
+def train_run(
+    task: str,
+    *,
+    first_seed: int | None = None,
+    given: dict | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int | None = None,
+    keep: int | None = 5,
+    interrupt: Callable[[], bool] | None = None,
+    progress: bool = False,
+    on_dead: Callable[[int, FitResult], None] | None = None,
+) -> Run:
+    """Trains ``task`` from ``first_seed`` (a dead init draws again from the next seed), saving
+    checkpoints in ``out`` every ``checkpoint_every`` steps and, at the end, the final checkpoint,
+    ``metrics.json`` and ``training.png``; an interrupted run saves its checkpoint alone.
+
+    Args:
+      task: a key of ``TASKS``.
+      first_seed: the first seed to try (None: 0, or the resumed run's).
+      given: settings chosen by the user (``task_settings`` keywords); the rest are the task's.
+        With ``resume`` they must equal the run's, except "steps" and "checkpoint_every".
+      out: the run folder (``prepare_run_folder`` checks it first); None saves nothing.
+      resume: continue the run in ``out`` from its latest checkpoint.
+      checkpoint_every: steps between checkpoints (None: ``CHECKPOINT_EVERY``, or the resumed
+        run's).
+      keep: how many checkpoints to keep (None: all).
+      interrupt: see ``fit``.
+      progress: show a progress bar.
+      on_dead: called with ``(seed, result)`` for each dead seed.
+
+    Returns:
+      A ``Run``.
+
+    Example:
+      >>> import tempfile, pathlib
+      >>> out = pathlib.Path(tempfile.mkdtemp()) / "run"
+      >>> run = train_run("count", given={"steps": 40}, out=out, checkpoint_every=20)
+      >>> run.dead_seeds, run.seed, run.result.stop_reason  # seeds 0-2 draw a dead ReLU
+      ([0, 1, 2], 3, 'budget')
+      >>> sorted(p.name for p in out.iterdir()), [p.name for p in sorted((out / "checkpoints").iterdir())]
+      (['checkpoints', 'metrics.json', 'training.png'], ['20', '40'])
+      >>> train_run("count", given={"steps": 300}, out=out, resume=True).result[2:4]
+      (239, 'weights')
+      >>> load_run(out, "count").converged
+      True
+    """
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    out = None if out is None else Path(out)
+    folder = None if out is None else out / CHECKPOINTS
+    if resume:
+        if checkpoint_every:
+            given["checkpoint_every"] = checkpoint_every
+        run, start = _resume_point(out, task, given, first_seed)
+        settings, first_seed, seed = run["settings"], run["first_seed"], run["seed"]
+        dead_seeds, resumed_at = list(run["dead_seeds"]), [*run["resumed_at"], start.steps]
+        for name in (METRICS, PLOT):  # a run resumed after its budget ends anew
+            (out / name).unlink(missing_ok=True)
+    else:
+        settings = {**task_settings(task, **given), "checkpoint_every": checkpoint_every or CHECKPOINT_EVERY}
+        first_seed = first_seed or 0
+        seed, start, dead_seeds, resumed_at = first_seed, None, [], []
+
+    def save(seed: int, result: FitResult) -> Path:
+        info = _run_info(task, settings, first_seed, dead_seeds, resumed_at)
+        return save_checkpoint(folder, result, seed=seed, run=info, keep=keep)
+
+    def dead(seed: int, result: FitResult) -> None:
+        dead_seeds.append(seed)
+        if folder is not None:  # a dead seed's checkpoints lead nowhere
+            delete_checkpoints(folder)
+        if on_dead is not None:
+            on_dead(seed, result)
+
+    seed, result = train_until_live(
+        task, first_seed=seed, settings=_training_settings(settings),
+        tries=DEAD_SEED_TRIES - len(dead_seeds), start=start, on_dead=dead, progress=progress,
+        checkpoint_every=settings["checkpoint_every"], on_checkpoint=None if folder is None else save,
+        interrupt=interrupt)
+    run = Run(task, settings, first_seed, seed, dead_seeds, result, resumed_at, [])
+    if out is None:
+        return run
+    paths = [save(seed, result)]
+    if result.stop_reason != "interrupted":
+        from rnnjax.plot import plot_training  # matplotlib loads only when a run is saved
+
+        metrics = json.dumps(_run_metrics(run), indent=1, allow_nan=False)
+        write_atomically(out / METRICS, lambda f: f.write(metrics), mode="w")
+        write_atomically(out / PLOT, lambda f: plot_training(result.history, f, title=task))
+        paths += [out / METRICS, out / PLOT]
+    return run._replace(paths=paths)
+
+
+def _finite_or_none(values: np.ndarray) -> list:
+    """Strict JSON has no NaN or infinity: those become null."""
+    return [v.item() if v.dtype == bool or np.isfinite(v) else None for v in np.asarray(values)]
+
+
+def _run_metrics(run: Run) -> dict:
+    """Returns ``metrics.json``'s contents: every setting used, the outcome, and the history."""
+    result = run.result
+    loss = result.history["loss"]
     metrics = {
-        "task": task,
-        "settings": settings,
-        "steps": result.steps,
+        "task": run.task,
+        "converged": result.stop_reason in CONVERGED,
         "stop_reason": result.stop_reason,
-        "final_loss": float(result.history["loss"][-1]),
-        "weights": {k: np.asarray(v).tolist() for k, v in weights_by_path(params).items()},
-        "initial_weights": {k: np.asarray(v).tolist()
-                            for k, v in weights_by_path(result.initial_params).items()},
-        "history": {k: v.tolist() for k, v in result.history.items()},
+        "steps": result.steps,
+        "seed": run.seed,
+        "first_seed": run.first_seed,
+        "dead_seeds": run.dead_seeds,
+        "settings": run.settings,
+        "method": resolve_method(ReLUCell(1), "auto", time=run.settings["length"]),
+        "versions": {"rnnjax": rnnjax.__version__, "jax": jax.__version__, "backend": jax.default_backend()},
+        "resumed_at": run.resumed_at,
+        "final_loss": _finite_or_none(loss[-1:])[0] if len(loss) else None,
+        "skipped_steps": int(result.history["skipped"].sum()),
+        "weights": {k: np.asarray(v).tolist() for k, v in weights_by_path(jax.device_get(result.state.params)).items()},
+        "initial_weights": {k: np.asarray(v).tolist() for k, v in weights_by_path(result.initial_params).items()},
+        "history": {k: _finite_or_none(v) if v.dtype.kind in "fb" else v.tolist() for k, v in result.history.items()},
     }
-    paths = [out / "params.msgpack", out / "metrics.json", out / "training.png"]
-    write_atomically(paths[0], lambda f: f.write(serialization.msgpack_serialize(params)))
-    write_atomically(paths[1], lambda f: json.dump(metrics, f, indent=1), mode="w")
-    write_atomically(paths[2], lambda f: plot_training(result.history, f, title=task))
-    return paths
+    if result.stop_reason == "diverged":
+        metrics["diverged_at_step"] = result.steps + 1
+    return metrics
 
 
-def load_params(run: str | os.PathLike, task: str) -> Any:
-    """Reads the parameters that ``save_run`` wrote for ``task`` under the folder ``run``."""
-    run = Path(run)
+def _read_metrics(run_folder: Path) -> dict | None:
+    """Returns the run's ``metrics.json`` (None when it has none or it cannot be read)."""
     try:
-        saved_task = json.loads((run / "metrics.json").read_text())["task"]
-        params = serialization.msgpack_restore((run / "params.msgpack").read_bytes())
-    except FileNotFoundError as e:
-        raise ValueError(f"--params {run}: no {Path(e.filename).name} there; expected the "
-                         "folder that 'rnnjax train --out' wrote") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--params {run}: not a saved rnnjax run ({type(e).__name__}: {e})") from None
-    if saved_task != task:
-        raise ValueError(f"--params {run}: that run trained the {saved_task!r} network, not {task!r}")
-    try:
-        shapes = {k: np.shape(v) for k, v in weights_by_path(params).items()}
-    except (KeyError, TypeError, AttributeError):
-        shapes = None
-    if shapes != {"cell/W_ih": (1, 1), "cell/W_hh": (1, 1)}:
-        raise ValueError(f"--params {run}: expected weights cell/W_ih and cell/W_hh of shape (1, 1); "
-                         f"found {shapes}")
-    return jax.tree.map(jnp.asarray, params)
+        metrics = json.loads((run_folder / METRICS).read_text(), parse_constant=_refuse_constant)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
-def read_sequence(path: str | os.PathLike) -> np.ndarray:
-    """Reads one sequence of numbers from ``.npy``, ``.csv`` (commas or newlines) or ``.txt``
-    (whitespace); returns a 1-D float64 array, or raises ``ValueError`` naming what is wrong."""
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not strict JSON")
+
+
+def load_run(path: str | os.PathLike, task: str) -> LoadedRun:
+    """Reads a checkpoint of a ``task`` run for evaluation.
+
+    ``path`` is a run folder (its latest checkpoint), its ``checkpoints`` folder, or one step
+    folder in it (``<run>/checkpoints/<step>``). Raises ``ValueError`` naming ``--params`` when
+    it is none of these or the checkpoint is foreign, damaged or of another task.
+    """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".npy", ".csv", ".txt"):
-        raise ValueError(f"--input {path}: expected a .npy, .csv or .txt file; received '{suffix or path.name}'")
-    try:
-        values = _load_npy(path) if suffix == ".npy" else _parse_numbers(path.read_text(), path)
-    except FileNotFoundError:
-        raise ValueError(f"--input {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--input {path}: cannot be read ({e})") from None
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise ValueError(f"--input {path}: expected real numbers; received dtype {values.dtype}")
-    if values.ndim > 1 and sum(n > 1 for n in values.shape) > 1:
-        raise ValueError(f"--input {path}: expected one sequence; received an array of shape {values.shape}")
-    values = values.astype(np.float64).reshape(-1)
-    if values.size == 0:
-        raise ValueError(f"--input {path}: holds no numbers")
-    if not np.isfinite(values).all():
-        raise ValueError(f"--input {path}: {int((~np.isfinite(values)).sum())} values are NaN or infinite")
-    return values
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        values = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError) as e:
-        raise ValueError(f"--input {path}: not a valid .npy file ({e})") from None
-    if not isinstance(values, np.ndarray):
-        raise ValueError(f"--input {path}: holds an .npz archive; expected one array (np.save)")
-    return values
-
-
-def _parse_numbers(text: str, path: Path) -> np.ndarray:
-    values = []
-    for line_number, line in enumerate(text.splitlines(), 1):
-        for token in line.replace(",", " ").split():
-            try:
-                values.append(float(token))
-            except ValueError:
-                raise ValueError(f"--input {path}: line {line_number}: {token!r} is not a number") from None
-    return np.asarray(values, np.float64)
+    if not path.exists():
+        raise ValueError(f"--params {path}: no such folder")
+    if not path.is_dir():
+        raise ValueError(f"--params {path}: is a file; expected a run folder written by "
+                         f"'rnnjax train --out' (or one of its {CHECKPOINTS}/<step> folders)")
+    if (path / "_CHECKPOINT_METADATA").is_file():
+        if not path.name.isdigit():
+            raise ValueError(f"--params {path}: a checkpoint folder must be named by its step")
+        folder, step = path.parent, int(path.name)
+    else:
+        folder = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+        steps = checkpoint_steps(folder)
+        if not steps:
+            raise ValueError(f"--params {path}: holds no rnnjax checkpoint; expected a folder "
+                             "written by 'rnnjax train --out'")
+        step = steps[-1]
+    where = folder / str(step)
+    info = checkpoint_info(folder, step)
+    _check_run_info(info["run"], where)
+    if info["run"]["task"] != task:
+        raise ValueError(f"--params {path}: that run trained the {info['run']['task']!r} network, not {task!r}")
+    settings = info["run"]["settings"]
+    template = task_start(task, _training_settings(settings), seed=info["seed"])
+    params = restore_checkpoint(folder, step, template).state.params
+    errors = [float(np.max(np.abs(np.asarray(w) - 1.0))) for w in weights_by_path(params).values()]
+    converged = max(errors) < settings["tol"]
+    metrics = _read_metrics(folder.parent)
+    if metrics is None:
+        status = f"interrupted or killed at step {step}, before it ended"
+    elif metrics.get("steps") != step:
+        status = (f"a checkpoint at step {step}; the run ended at step {metrics.get('steps')}, "
+                  f"stop reason: {metrics.get('stop_reason')}")
+    else:
+        status = f"stop reason: {metrics.get('stop_reason')}, after {step} steps"
+    return LoadedRun(params, step, converged, status)

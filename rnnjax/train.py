@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -15,8 +16,19 @@ from tqdm.auto import tqdm
 from rnnjax.data import Batch
 from rnnjax.masking import length_mask
 
-__all__ = ["TrainState", "FitResult", "init_state", "squared_error", "make_train_step", "fit",
-           "weights_by_path"]
+__all__ = ["TrainState", "FitResult", "STOP_REASONS", "CONVERGED", "init_state", "squared_error", "make_train_step",
+           "seed_keys", "fit_start", "fit", "weights_by_path"]
+
+STOP_REASONS = {  # why fit stopped (FitResult.stop_reason), in words
+    "weights": "both weights within tolerance of the target",
+    "loss": "loss under tolerance",
+    "dead": "dead ReLU: every gradient is 0",
+    "diverged": "diverged: a non-finite loss, gradient or weight",
+    "budget": "step budget spent, NOT converged",
+    "interrupted": "interrupted",
+    "running": "still running",
+}
+CONVERGED = ("weights", "loss")  # the stop reasons of a fit that reached its goal
 
 
 class TrainState(NamedTuple):
@@ -37,15 +49,21 @@ class FitResult(NamedTuple):
     """What ``fit`` returns.
 
     Attributes:
-      state: the final ``TrainState``.
+      state: the final ``TrainState``; its loss and weights are the last row of ``history``.
       initial_params: the variables drawn at init, before any step.
-      steps: number of steps taken.
+      steps: number of steps taken (``state.step``).
       stop_reason: "weights" (every weight within ``weight_tol`` of ``target_weight``),
-        "loss" (loss at most ``loss_tol``), "budget" (``max_steps`` taken) or "dead" (every
-        gradient exactly zero while the loss is not: a dead ReLU, which no optimizer can leave).
-      history: per-step host arrays: "step", "loss", "grad_norm", "weight_error" (largest
-        distance of a weight from ``target_weight``; NaN without one), and one entry per weight
-        named by its path (e.g. "cell/W_ih"): the weight's first element after the step.
+        "loss" (the state's loss at most ``loss_tol``), "dead" (``dead_steps`` steps in a row
+        with every gradient exactly zero while the loss is not: a dead ReLU, which no optimizer
+        can leave), "diverged" (step ``steps + 1`` gave a non-finite loss, gradient or weight;
+        ``state`` is the last finite one), "budget" (``max_steps`` taken), "interrupted"
+        (``interrupt()`` returned True), or "running" (a run in progress: ``fit_start`` and the
+        snapshots given to ``on_checkpoint``).
+      history: per-step host arrays, one row per step taken: "step"; "loss", the loss of the
+        state after the step on that step's batch; "grad_norm", of the gradient the step
+        applied; "skipped", True where a non-finite update was skipped (``skip_nonfinite``);
+        "weight_error", the largest distance of a weight from ``target_weight`` (NaN without
+        one); and one entry per weight named by its path (e.g. "cell/W_ih"): its first element.
     """
 
     state: TrainState
@@ -70,6 +88,10 @@ def squared_error(predictions: jax.Array, targets: jax.Array, lengths: jax.Array
     mask = length_mask(lengths, predictions.shape[1])
     errors = jnp.where(mask, predictions - targets, 0)
     return jnp.sum(errors**2) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def _loss(model: nn.Module, params, batch: Batch) -> jax.Array:
+    return squared_error(model.apply(params, batch.xs, batch.lengths), batch.targets, batch.lengths)
 
 
 def make_train_step(
@@ -99,19 +121,101 @@ def make_train_step(
       (1, ['grad_norm', 'loss'])
     """
 
-    def loss_fn(params, batch: Batch):
-        predictions = model.apply(params, batch.xs, batch.lengths)
-        return squared_error(predictions, batch.targets, batch.lengths)
-
     @jax.jit
     def step(state: TrainState, batch: Batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        loss, grads = jax.value_and_grad(functools.partial(_loss, model))(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return step
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(init_key, data_key)``: the keys ``fit`` draws the init and the batches from.
+
+    Batch ``i`` (counting from 0) comes from ``jax.random.fold_in(data_key, i)``.
+    """
+    init_key, data_key = jax.random.split(jax.random.key(seed))
+    return init_key, data_key
+
+
+class _Program(NamedTuple):
+    """The compiled pieces of a fit, shared by every fit of the same model, optimizer and data."""
+
+    optimizer: optax.GradientTransformation  # wrapped in apply_if_finite when skipping
+    batch_at: Callable  # (source, i) -> Batch; source is the data key, or the batch itself
+    step: Callable  # (state, batch) -> (state, row): the update and what fit watches, one dispatch
+
+
+@functools.lru_cache(maxsize=16)
+def _program(model, optimizer, draw, target_weight, skip_nonfinite) -> _Program:
+    """Builds the jitted step once per setting, so fits from other seeds reuse its compilation."""
+    if skip_nonfinite:
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=skip_nonfinite)
+    train_step = make_train_step(model, optimizer)
+    target = jnp.nan if target_weight is None else target_weight
+
+    if draw is None:
+        batch_at = lambda source, i: source  # noqa: E731  the fixed batch itself
+    else:
+        batch_at = jax.jit(lambda source, i: draw(jax.random.fold_in(source, i)))
+
+    @jax.jit  # the batch is drawn apart: fused into the step, its float32 rounding would change
+    def step(state, batch):
+        new, metrics = train_step(state, batch)
+        loss = _loss(model, new.params, batch)
+        if skip_nonfinite:  # apply_if_finite rejected it, and has not given up yet
+            opt = new.opt_state
+            skipped = ~opt.last_finite & (opt.notfinite_count <= skip_nonfinite)
+        else:
+            skipped = jnp.zeros((), bool)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(loss)
+        params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(w)) for w in jax.tree.leaves(new.params)]))
+        row = {"loss": loss, "grad_norm": metrics["grad_norm"], "skipped": skipped,
+               "diverged": ~params_finite | (~skipped & ~finite), **_observe(new.params, target)}
+        return new, row
+
+    return _Program(optimizer, batch_at, step)
+
+
+def _source(data: Batch | Callable[[jax.Array], Batch], seed: int):
+    return data if isinstance(data, Batch) else seed_keys(seed)[1]
+
+
+def _draw(data):
+    return None if isinstance(data, Batch) else data
+
+
+def fit_start(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    data: Batch | Callable[[jax.Array], Batch],
+    *,
+    seed: int,
+    skip_nonfinite: int = 0,
+) -> FitResult:
+    """Returns where ``fit`` starts from ``seed``: step 0, the drawn init, an empty history.
+
+    It has the structure of every later state of the same fit, so it is the template a
+    checkpoint is restored into (``rnnjax.checkpoints``); ``fit(..., start=...)`` continues one.
+
+    Example:
+      >>> import jax, optax
+      >>> from rnnjax.data import count_batch
+      >>> from rnnjax.models import RunningCount
+      >>> start = fit_start(RunningCount(), optax.adam(0.1), count_batch(jax.random.key(0), 8, 5), seed=3)
+      >>> start.steps, start.stop_reason, start.history["loss"].shape
+      (0, 'running', (0,))
+    """
+    program = _program(model, optimizer, _draw(data), None, skip_nonfinite)
+    source = _source(data, seed)
+    state = init_state(model, program.optimizer, seed_keys(seed)[0], program.batch_at(source, 0))
+    rows = jax.eval_shape(program.step, state, program.batch_at(source, 0))[1]
+    history = {"step": np.zeros(0, np.int64)}
+    history.update({k: np.zeros(0, v.dtype) for k, v in rows.items() if k != "diverged"})
+    return FitResult(state, state.params, 0, "running", history)
 
 
 def fit(
@@ -124,27 +228,50 @@ def fit(
     target_weight: float | None = None,
     weight_tol: float = 1e-5,
     loss_tol: float | None = None,
+    skip_nonfinite: int = 0,
+    dead_steps: int = 25,
     sync_every: int = 25,
     progress: bool = True,
+    start: FitResult | None = None,
+    checkpoint_every: int | None = None,
+    on_checkpoint: Callable[[FitResult], None] | None = None,
+    interrupt: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Trains from a random init until a stop rule holds; reproducible from ``seed``.
 
     Steps are dispatched without waiting; metrics come to the host every ``sync_every`` steps.
-    There the rules are checked for each step since the last check, and the state returned is
-    the one from the first step at which a rule held.
+    There the rules are checked for each step since the last check, in order, and the state
+    returned is the one from the first step at which a rule held. Each rule looks at that
+    state itself: its weights, and its loss on the batch of the step that made it.
+
+    A step whose loss, gradient or new weights are not finite stops the fit as "diverged" and
+    the state before it is returned, unless ``skip_nonfinite`` is set: then the optimizer is
+    wrapped in ``optax.apply_if_finite``, which skips up to that many non-finite gradients in
+    a row (``history["skipped"]`` marks them) before it applies one, and the fit diverges.
 
     Args:
       model: the network (see ``make_train_step``).
       optimizer: an optax gradient transformation.
       data: a ``Batch`` to train on at every step, or a function ``key -> Batch`` that draws a
-        fresh one each step (jitted here).
+        fresh one each step (jitted here; batch ``i`` from ``fold_in(seed_keys(seed)[1], i)``).
       seed: an integer; it fixes the init and every drawn batch.
       max_steps: the step budget.
       target_weight: if set, stop once every weight is within ``weight_tol`` of it.
       weight_tol: see ``target_weight``.
       loss_tol: if set, stop once the loss is at most this.
+      skip_nonfinite: how many non-finite gradients in a row to skip; 0 stops at the first.
+      dead_steps: stop as "dead" after this many steps in a row with every gradient zero and
+        a positive loss.
       sync_every: steps between host syncs.
       progress: show a tqdm progress bar.
+      start: a ``FitResult`` to continue, e.g. one restored from a checkpoint; the fit then
+        goes on exactly as the fit it came from would have (same model, optimizer, data, seed
+        and settings). None starts from ``fit_start``.
+      checkpoint_every: call ``on_checkpoint`` after every step whose number is a multiple of
+        this, unless a rule stopped the fit at that step.
+      on_checkpoint: receives a ``FitResult`` with stop_reason "running" (e.g. to save it).
+      interrupt: polled before each step; once it returns True the fit stops as "interrupted"
+        with the state of the last step taken.
 
     Returns:
       A ``FitResult``.
@@ -161,52 +288,68 @@ def fit(
       >>> fit(RunningCount(), optax.adam(0.1), batch, seed=0, max_steps=3000,
       ...     progress=False).stop_reason  # seed 0 draws W_ih <= 0
       'dead'
+      >>> fit(RunningCount(), optax.adam(1e30), batch, seed=3, max_steps=3000,
+      ...     progress=False)[2:4]  # the first step overflows: the init is returned
+      (0, 'diverged')
     """
-    if max_steps < 1 or sync_every < 1:
-        raise ValueError(
-            f"max_steps and sync_every must be positive; received {max_steps} and {sync_every}."
-        )
-    init_key, data_key = jax.random.split(jax.random.key(seed))
-    if isinstance(data, Batch):
-        batch_at = lambda _: data  # noqa: E731
-    else:
-        batch_at = jax.jit(lambda i: data(jax.random.fold_in(data_key, i)))
-    step = make_train_step(model, optimizer)
-    state = init_state(model, optimizer, init_key, batch_at(0))
-    initial_params = state.params
-    target = jnp.nan if target_weight is None else target_weight
+    for name, value, low in [("max_steps", max_steps, 1), ("sync_every", sync_every, 1), ("dead_steps", dead_steps, 1),
+                             ("checkpoint_every", 1 if checkpoint_every is None else checkpoint_every, 1),
+                             ("skip_nonfinite", skip_nonfinite, 0)]:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}; received {value!r}.")
+    if start is None:
+        start = fit_start(model, optimizer, data, seed=seed, skip_nonfinite=skip_nonfinite)
+    if start.steps > max_steps:
+        raise ValueError(f"start has taken {start.steps} steps, more than max_steps={max_steps}.")
+    program = _program(model, optimizer, _draw(data), target_weight, skip_nonfinite)
+    source = _source(data, seed)
+    weight_tol, loss_tol = float(weight_tol), -np.inf if loss_tol is None else float(loss_tol)
+    dtypes = {k: v.dtype for k, v in start.history.items()}
+    columns = {k: list(v) for k, v in start.history.items() if k != "step"}
 
-    @jax.jit
-    def observed_step(state, batch):  # one dispatch per step: the step and what fit watches
-        state, metrics = step(state, batch)
-        return state, {**metrics, **_observe(state.params, target)}
+    def result(state, stop_reason):
+        history = {k: np.asarray(v, dtypes[k]) for k, v in columns.items()}
+        return FitResult(state, start.initial_params, int(state.step), stop_reason,
+                         {"step": np.arange(1, len(history["loss"]) + 1, dtype=dtypes["step"]), **history})
 
-    chunks, states, stop_reason = [], [], "budget"
-    with tqdm(total=max_steps, disable=not progress, unit="step") as bar:
-        for i in range(max_steps):
-            state, row = observed_step(state, batch_at(i))
-            states.append((state, row))
-            if len(states) < sync_every and i + 1 < max_steps:
-                continue
-            rows = jax.device_get([row for _, row in states])
-            chunk = {k: np.asarray([row[k] for row in rows]) for k in rows[0]}
-            hits = _stop_reasons(chunk, weight_tol, loss_tol)
-            first = next((n for n, reason in enumerate(hits) if reason), len(hits) - 1)
-            chunks.append({k: v[: first + 1] for k, v in chunk.items()})
-            state = states[first][0]
-            bar.update(first + 1)
-            bar.set_postfix(loss=f"{chunk['loss'][first]:.3g}")
-            states = []
-            if hits[first]:
-                stop_reason = hits[first]
-                break
-            if ((chunk["grad_norm"] == 0) & (chunk["loss"] > 0)).all():
-                stop_reason = "dead"
-                break
-    history = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    steps = len(history["loss"])
-    history["step"] = np.arange(1, steps + 1)
-    return FitResult(state, initial_params, steps, stop_reason, history)
+    state = head = start.state  # the last state taken, and the last one dispatched
+    steps, pending, stop_reason = start.steps, [], None
+    dead_run = _trailing_dead_steps(start.history)
+    with tqdm(total=max_steps, initial=steps, disable=not progress, unit="step") as bar:
+        while stop_reason is None:
+            dispatched = steps + len(pending)
+            stopping = dispatched >= max_steps or (interrupt is not None and interrupt())
+            if not stopping:
+                head, row = program.step(head, program.batch_at(source, dispatched))
+                pending.append((head, row))
+                if len(pending) < sync_every:
+                    continue
+            rows = jax.device_get([row for _, row in pending])
+            for (new_state, _), row in zip(pending, rows):
+                if row.pop("diverged"):
+                    stop_reason = "diverged"
+                    break
+                state, steps = new_state, steps + 1
+                for k, v in row.items():
+                    columns[k].append(v)
+                dead_run = dead_run + 1 if row["grad_norm"] == 0 and row["loss"] > 0 else 0
+                if row["weight_error"] < weight_tol:
+                    stop_reason = "weights"
+                elif row["loss"] <= loss_tol:
+                    stop_reason = "loss"
+                elif dead_run >= dead_steps:
+                    stop_reason = "dead"
+                if stop_reason:
+                    break
+                if on_checkpoint is not None and checkpoint_every and steps % checkpoint_every == 0:
+                    on_checkpoint(result(state, "running"))
+            bar.update(steps - bar.n)
+            if columns["loss"]:
+                bar.set_postfix(loss=f"{columns['loss'][-1]:.3g}")
+            pending = []
+            if stop_reason is None and stopping:
+                stop_reason = "budget" if steps >= max_steps else "interrupted"
+    return result(state, stop_reason)
 
 
 def weights_by_path(params) -> dict[str, jax.Array]:
@@ -224,8 +367,7 @@ def _observe(params, target) -> dict[str, jax.Array]:
             "weight_error": jnp.max(jnp.stack(errors))}
 
 
-def _stop_reasons(chunk, weight_tol, loss_tol) -> list[str | None]:
-    """Returns, for each step of the chunk, the rule that held there ("weights", "loss") or None."""
-    near = chunk["weight_error"] < weight_tol
-    low = chunk["loss"] <= (-np.inf if loss_tol is None else loss_tol)
-    return ["weights" if w else "loss" if loss else None for w, loss in zip(near, low)]
+def _trailing_dead_steps(history: dict[str, np.ndarray]) -> int:
+    """Returns how many of the last steps in ``history`` had a zero gradient and a positive loss."""
+    dead = (history["grad_norm"] == 0) & (history["loss"] > 0)
+    return len(dead) - int(np.flatnonzero(~dead)[-1]) - 1 if (~dead).any() else len(dead)

@@ -13,7 +13,8 @@ import suite  # noqa: E402
 
 
 def test_suite_writes_json_markdown_and_plot(tmp_path, capsys):
-    suite.main(["--lengths", "20", "40", "--batches", "2", "--budget-s", "0.01", "--out", str(tmp_path)])
+    suite.main(["--lengths", "20", "300", "--batches", "2", "--budget-s", "0.01",
+                "--accuracy-lengths", "300", "--no-memory-check", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["machine"]["backend"] == "cpu" and report["machine"]["cpu_count"] >= 1
     rows = report["results"]
@@ -28,6 +29,8 @@ def test_suite_writes_json_markdown_and_plot(tmp_path, capsys):
             assert row["ratio_to_rnnjax"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "### forward" in table and "### train" in table and "rnnjax sequential ms" in table
+    assert "parallel / sequential" in table and "### accuracy" in table
+    assert report["accuracy"] and "L1 norm T=3e+02 B=1, auto (parallel)" in report["targets"][-1]
     assert (tmp_path / "time_vs_length.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -36,20 +39,28 @@ def fake_rows(times):
             for (name, mode, t, b), ms in times.items()]
 
 
-def test_targets_report_met_and_missed_with_their_figures(monkeypatch):
-    monkeypatch.setattr(suite, "rnnjax_label", lambda: "rnnjax parallel")
+def test_targets_report_met_and_missed_with_their_figures():
     rows = fake_rows({
-        ("rnnjax parallel", "train", 10_000, 1): 0.1, ("torch nn.RNN", "train", 10_000, 1): 6.3,
-        ("rnnjax parallel", "forward", 1_000_000, 1): 1.5,
-        ("rnnjax parallel", "forward", 10_000, 65_536): 2.0,
+        (suite.PARALLEL, "train", 10_000, 1): 0.1, ("torch nn.RNN", "train", 10_000, 1): 6.3,
+        (suite.PARALLEL, "forward", 1_000_000, 1): 1.5,
+        (suite.PARALLEL, "forward", 10_000, 65_536): 2.0,
     })
     lines = suite.check_targets(rows, {"backend": "gpu", "bandwidth_gbs": 3000.0})
     assert "torch nn.RNN / rnnjax = 63x (target >= 20x): met" in lines[0]
     assert "1.500 ms: MISSED" in lines[1]
     floor = 4 * 10_000 * 65_536 / 3000e9 * 1e3
     assert f"floor {floor:.3f} ms" in lines[2] and "met" in lines[2]
-    cpu = suite.check_targets(rows, {"backend": "cpu"})
-    assert all("not measured" in line for line in cpu)
+    cpu_rows = fake_rows({(suite.PARALLEL, "forward", 10_000, 1): 0.3,
+                          (suite.SEQUENTIAL, "forward", 10_000, 1): 0.1,
+                          (suite.PARALLEL, "train", 100_000, 8): 1.4,
+                          (suite.SEQUENTIAL, "train", 100_000, 8): 1.0})
+    cpu = suite.check_targets(cpu_rows, {"backend": "cpu"},
+                              {suite.PARALLEL: 2.5, suite.SEQUENTIAL: 1.3})
+    assert any("forward T=1e+04 B=1: parallel / sequential = 3.00x (target <= 2.0x): MISSED" in line
+               for line in cpu)
+    assert any("train T=1e+05 B=8: parallel / sequential = 1.40x (target <= 1.5x): met" in line
+               for line in cpu)
+    assert "2.50 GB of temporary memory (sequential 1.30 GB; target < 3 GB): met" in cpu[-1]
 
 
 @pytest.mark.parametrize("previous, reason", [((10, 1000.0), "predicted 100 s a call > 3 s budget"),
@@ -57,4 +68,4 @@ def test_targets_report_met_and_missed_with_their_figures(monkeypatch):
 def test_skip_reason_extrapolates_from_the_last_length(previous, reason):
     args = suite.argparse.Namespace(seed_loop_max_length=10_000, memory_gb=6.0, max_call_s=3.0)
     assert suite.skip_reason("rnnjax sequential", "forward", 1000, 1, previous, args) == reason
-    assert "memory budget" in suite.skip_reason("rnnjax parallel", "train", 10**6, 1024, None, args)
+    assert "memory budget" in suite.skip_reason(suite.PARALLEL, "train", 10**6, 1024, None, args)

@@ -1,44 +1,87 @@
-"""The rnnjax command: demo, train, eval, and one-line errors with exit status 2."""
+"""The rnnjax command: demo, train, eval; runs that never mislead; one-line errors with exit 2."""
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 
+import chex
 import numpy as np
 import pytest
 
-from rnnjax import runs
+from rnnjax.checkpoints import checkpoint_steps, restore_checkpoint
 from rnnjax.cli import main
+from rnnjax.runs import load_run, train_run
+from rnnjax.tasks import task_settings, task_start
 
 
-@pytest.fixture(scope="module")
-def l1_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("l1")
-    assert main(["train", "l1", "--seed", "3", "--out", str(out)]) == 0
-    return out
+def strict_json(path):
+    """json.loads that refuses NaN and infinity, as strict JSON readers do."""
+    def refuse(name):
+        raise ValueError(f"{name} is not strict JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
-def test_train_writes_params_metrics_and_plot(l1_run, capsys):
-    assert sorted(p.name for p in l1_run.iterdir()) == ["metrics.json", "params.msgpack", "training.png"]
-    metrics = json.loads((l1_run / "metrics.json").read_text())
-    assert metrics["task"] == "l1" and metrics["stop_reason"] == "weights"
+def final_state(out, task="count"):
+    """The state, history and step of the run's last checkpoint, read exactly."""
+    folder = out / "checkpoints"
+    step = checkpoint_steps(folder)[-1]
+    seed = json.loads((folder / str(step) / "run" / "metadata").read_text())["seed"]
+    return restore_checkpoint(folder, step, task_start(task, task_settings(task), seed=seed))
+
+
+def assert_same_run(out, reference):
+    one, two = final_state(out), final_state(reference)
+    assert one.steps == two.steps
+    chex.assert_trees_all_equal(one.state, two.state)  # parameters and optimizer state, bitwise
+    chex.assert_trees_all_equal(one.history, two.history)
+
+
+def one_error_line(captured, match):
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rnnjax: error: "), captured.err
+    assert re.search(match, lines[0]), lines[0]
+
+
+def train_error_line(captured, match):
+    """Like ``one_error_line`` for ``train``, whose progress bar precedes the error on stderr."""
+    *progress, last = captured.err.rstrip("\n").split("\n")
+    assert all("step/s" in line for line in progress), captured.err
+    one_error_line(captured._replace(out="", err=last), match)
+
+
+@pytest.mark.parametrize("task", ["l1", "count"])
+def test_default_runs_redraw_dead_seeds_and_end_converged(l1_run, count_run, task):
+    out = {"l1": l1_run, "count": count_run}[task]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.json", "training.png"]
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["converged"] is True and metrics["stop_reason"] == "weights"
+    assert (metrics["first_seed"], metrics["seed"], metrics["dead_seeds"]) == (0, 3, [0, 1, 2])
+    assert metrics["settings"] == {**task_settings(task), "checkpoint_every": 1000}
+    assert metrics["settings"]["steps"] == 5000 and metrics["settings"]["lr"] == 0.1
     assert metrics["weights"] == {"cell/W_hh": [[1.0]], "cell/W_ih": [[1.0]]}
-    assert len(metrics["history"]["loss"]) == metrics["steps"]
-    assert (l1_run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert metrics["method"] == "sequential" and metrics["versions"]["backend"] == "cpu"
+    assert len(metrics["history"]["loss"]) == metrics["steps"] and metrics["skipped_steps"] == 0
+    assert checkpoint_steps(out / "checkpoints") == [metrics["steps"]]
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("suffix, write", [
-    (".npy", lambda p: np.save(p, np.array([3.0, -5.0, 7.0, -2.0]))),
-    (".csv", lambda p: p.write_text("3,-5\n7,-2\n")),
-    (".txt", lambda p: p.write_text("3 -5\n 7\t-2\n")),
+@pytest.mark.parametrize("name, content", [
+    ("seq.npy", None), ("row.csv", "3,-5,7,-2\n"), ("column.csv", "\ufeff3\r\n-5\r\n7\r\n-2\r\n"),
+    ("seq.txt", "3 -5\t7  -2\n"),
 ])
-def test_eval_reads_each_format(l1_run, tmp_path, capsys, suffix, write):
-    path = tmp_path / f"seq{suffix}"
-    write(path)
+def test_eval_reads_each_format(l1_run, tmp_path, capsys, name, content):
+    path = tmp_path / name
+    np.save(path, np.array([3.0, -5.0, 7.0, -2.0])) if content is None else path.write_text(content)
     assert main(["eval", "l1", "--params", str(l1_run), "--input", str(path)]) == 0
-    assert "length 4: predicted 17, exact 17 (float64), relative error 0.00e+00" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "length 4: predicted 17, exact 17 (float64), relative error 0.00e+00" in captured.out
+    assert captured.err == ""  # a converged run: no warning
 
 
 def test_eval_on_a_long_random_sequence(l1_run, capsys):
@@ -47,95 +90,252 @@ def test_eval_on_a_long_random_sequence(l1_run, capsys):
     assert error < 1e-5
 
 
-def npz(tmp_path):
-    path = tmp_path / "archive.npy"
-    with open(path, "wb") as f:
-        np.savez(f, a=np.ones(3))
-    return str(path)
-
-
-def bad(tmp_path, name, content):
-    path = tmp_path / name
-    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
-    return str(path)
-
-
-@pytest.mark.parametrize("make_args, match", [
-    (lambda run, tmp: ["--input", str(tmp / "missing.csv")], r"missing.csv: no such file$"),
-    (lambda run, tmp: ["--input", bad(tmp, "x.csv", "1,2\n3,abc\n")], r"line 2: 'abc' is not a number$"),
-    (lambda run, tmp: ["--input", bad(tmp, "x.npy", b"\x93NUMPY garbage")], r"not a valid .npy file"),
-    (lambda run, tmp: ["--input", bad(tmp, "x.txt", "")], r"holds no numbers$"),
-    (lambda run, tmp: ["--input", bad(tmp, "x.txt", "1 nan 2")], r"1 values are NaN or infinite$"),
-    (lambda run, tmp: ["--input", bad(tmp, "x.json", "[1]")], r"expected a .npy, .csv or .txt file; received '.json'$"),
-    (lambda run, tmp: ["--input", bad(tmp, "x.txt", b"\xff\xfe\x00")], r"cannot be read"),
-    (lambda run, tmp: ["--length", "0"], r"expected a positive integer; received 0$"),
-    (lambda run, tmp: ["--length", "5", "--input", "x.csv"], r"not allowed with argument"),
-    (lambda run, tmp: ["--input", npz(tmp)], r"holds an .npz archive; expected one array"),
-    (lambda run, tmp: ["--length", "3", "--seed", "99999999999999999999"], r"expected a seed in"),
+# The issue's table, row by row, and more: one line naming the flag or file, exit 2. A tuple is
+# an --input file (name, content); a list, the flags themselves.
+@pytest.mark.parametrize("task, given, match", [
+    ("l1", ("x.csv", None), r"--input \S+x.csv: no such file$"),
+    ("l1", ("x.csv", "1\nabc\n"), r"x.csv: line 2, column 1: 'abc' is not a number$"),
+    ("l1", ("x.txt", "1e39"), r"x.txt: line 1, column 1: 1e39 is beyond float32's range"),
+    ("l1", ("x.npy", bytes(range(7, 71))), r"x.npy: not a .npy file \(it does not start"),
+    ("l1", ("x.csv", "3,,5"), r"x.csv: line 1, column 3: empty field"),
+    ("l1", ("x.csv", "3,5\n7,2"), r"x.csv: line 1: 2 numbers on one line of a 2-line file"),
+    ("l1", ("x.csv", "1_000"), r"x.csv: line 1, column 1: '1_000' is not a number$"),
+    ("l1", ("x.txt", "3e38 3e38"), r"the L1 norm of this sequence, 6e\+38, is beyond float32's range"),
+    ("count", ("x.csv", "0,2,1"), r"x.csv: line 1, column 3: 2 is not 0 or 1"),
+    ("l1", ("x.txt", ""), r"x.txt: holds no numbers$"),
+    ("l1", ("x.json", "[1]"), r"expected a .npy, .csv or .txt file; received '.json'$"),
+    ("l1", ("x.npy", b"PK\x03\x04"), r"holds an .npz archive; expected one array"),
+    ("l1", ("x\nname.csv", "1,a"), r"x\\nname.csv: line 1, column 3"),
+    ("l1", ["--length", "abc"], r"argument --length: expected a length from 1 to 100,000,000; received 'abc'$"),
+    ("l1", ["--length", "0"], r"argument --length: expected a length .*; received '0'$"),
+    ("l1", ["--length", "1_000"], r"received '1_000'$"),
+    ("l1", ["--length", "100000001"], r"received '100000001'$"),
+    ("l1", ["--length", "5", "--input", "x.csv"], r"not allowed with argument"),
+    ("l1", ["--length", "3", "--seed", "99999999999999999999"], r"expected a seed in"),
+    ("l1", ["--length", "3", "--method", "fast"], r"argument --method: invalid choice: 'fast'"),
+    ("l1", ["--length", "3", "--params", ""], r"argument --params: expected a path; received ''$"),
 ])
-def test_eval_bad_input_is_one_line_and_exit_2(l1_run, tmp_path, capsys, make_args, match):
+def test_eval_bad_input_is_one_line_and_exit_2(l1_run, count_run, tmp_path, capsys, task, given, match):
+    if isinstance(given, tuple):
+        name, content = given
+        if content is not None:
+            (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        given = ["--input", str(tmp_path / name)]
+    run = {"l1": l1_run, "count": count_run}[task]
     with pytest.raises(SystemExit) as exit_info:
-        status = main(["eval", "l1", "--params", str(l1_run), *make_args(l1_run, tmp_path)])
-        raise SystemExit(status)
+        raise SystemExit(main(["eval", task, "--params", str(run), *given]))
     assert exit_info.value.code == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rnnjax: error: ")
-    assert re.search(match, lines[0])
+    one_error_line(capsys.readouterr(), match)
 
 
-def test_eval_rejects_a_missing_or_wrong_run(l1_run, tmp_path, capsys):
-    assert main(["eval", "l1", "--params", str(tmp_path), "--length", "3"]) == 2
-    assert "no metrics.json there" in capsys.readouterr().err
+def test_eval_takes_any_checkpoint_and_refuses_what_is_not_one(l1_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "count", "--seed", "3", "--checkpoint-every", "60", "--out", str(out)]) == 0
+    steps = checkpoint_steps(out / "checkpoints")
+    assert steps == [60, 120, 180, steps[-1]] and steps[-1] > 180
+    capsys.readouterr()
+    for path in (out, out / "checkpoints", out / "checkpoints" / str(steps[-1])):
+        assert main(["eval", "count", "--params", str(path), "--length", "50"]) == 0
+        captured = capsys.readouterr()
+        assert "largest error over all steps 0.00e+00" in captured.out and captured.err == ""
+    assert main(["eval", "count", "--params", str(out / "checkpoints" / "60"), "--length", "50"]) == 0
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and re.fullmatch(
+        rf"rnnjax: warning: --params \S+/60: not a converged run \(a checkpoint at step 60; the run ended at step "
+        rf"{steps[-1]}, stop reason: weights\); do not trust its outputs", warning[0])
+
+    cases = [
+        (tmp_path / "nowhere", r"--params \S+nowhere: no such folder$"),
+        (out / "metrics.json", r"--params \S+metrics.json: is a file; expected a run folder"),
+        (tmp_path, r"--params \S+: holds no rnnjax checkpoint; expected a folder written by 'rnnjax train --out'$"),
+    ]
+    for path, match in cases:
+        assert main(["eval", "count", "--params", str(path), "--length", "3"]) == 2
+        one_error_line(capsys.readouterr(), match)
     assert main(["eval", "count", "--params", str(l1_run), "--length", "3"]) == 2
-    assert "trained the 'l1' network, not 'count'" in capsys.readouterr().err
-    (tmp_path / "metrics.json").write_text('{"task": "l1"}')
-    (tmp_path / "params.msgpack").write_bytes(b"\x00\x01not msgpack")
-    assert main(["eval", "l1", "--params", str(tmp_path), "--length", "3"]) == 2
-    assert "not a saved rnnjax run" in capsys.readouterr().err
+    one_error_line(capsys.readouterr(), r"that run trained the 'l1' network, not 'count'$")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    last = damaged / "checkpoints" / str(steps[-1])
+    for data in (last / "state" / "d").iterdir():  # the arrays themselves
+        data.write_bytes(data.read_bytes()[:-3] + b"\x00\x00\x00")
+    assert main(["eval", "count", "--params", str(damaged), "--length", "3"]) == 2
+    one_error_line(capsys.readouterr(), rf"{last}: (cannot be read|damaged checkpoint)")
+    (last / "run" / "metadata").unlink()
+    assert main(["eval", "count", "--params", str(damaged), "--length", "3"]) == 2
+    one_error_line(capsys.readouterr(), rf"{last}: not an rnnjax checkpoint \(no run/metadata\)$")
 
 
-def test_count_network_trains_and_evaluates(tmp_path, capsys):
-    assert main(["train", "count", "--seed", "5", "--out", str(tmp_path)]) == 0
-    assert main(["eval", "count", "--params", str(tmp_path), "--length", "50"]) == 0
-    out = capsys.readouterr().out
-    assert "both weights within tolerance of 1" in out
-    assert "largest error over all steps 0.00e+00" in out
+def test_a_damaged_checkpoint_is_one_line_whatever_orbax_logs(count_run, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(count_run, damaged)
+    last = damaged / "checkpoints" / str(checkpoint_steps(damaged / "checkpoints")[-1])
+    metadata = last / "_CHECKPOINT_METADATA"
+    metadata.write_bytes(metadata.read_bytes()[:40])  # orbax logs errors as it reads this
+    manifest = last / "state" / "manifest.ocdbt"
+    data = manifest.read_bytes()
+    manifest.write_bytes(data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[len(data) // 2 + 1:])
+    result = subprocess.run([sys.executable, "-m", "rnnjax", "eval", "count", "--params", str(damaged),
+                             "--length", "3"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"rnnjax: error: {last}: cannot be read (ValueError: DATA_LOSS")
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
-def test_an_unwritable_out_folder_is_one_line_and_exit_2(tmp_path, capsys):
+def test_a_diverging_run_is_saved_as_diverged_exits_1_and_eval_warns(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "l1", "--lr", "1e6", "--seed", "3", "--out", str(out)]) == 1
+    train_error_line(capsys.readouterr(), re.escape(
+        f"rnnjax: error: the run diverged at step 1 (a non-finite loss, gradient or weight); its last "
+        f"finite state, after step 0, is saved in {out}; try a lower --lr or --skip-nonfinite") + "$")
+    metrics = strict_json(out / "metrics.json")  # no NaN tokens
+    assert (metrics["stop_reason"], metrics["converged"], metrics["steps"]) == ("diverged", False, 0)
+    assert metrics["diverged_at_step"] == 1 and metrics["settings"]["lr"] == 1e6
+    assert metrics["weights"] == metrics["initial_weights"]
+    assert main(["eval", "l1", "--params", str(out), "--length", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (f"rnnjax: warning: --params {out}: not a converged run (stop reason: diverged, "
+                            "after 0 steps); do not trust its outputs\n")
+    assert captured.out.startswith("length 5: predicted")
+
+
+def test_a_run_out_of_budget_exits_1_and_resumes_to_the_uninterrupted_bits(count_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "count", "--seed", "3", "--steps", "50", "--out", str(out)]) == 1
+    train_error_line(capsys.readouterr(), rf"not converged within 50 steps \(saved in {out}\); continue "
+                                          rf"with: rnnjax train count --out {out} --resume --steps N$")
+    assert strict_json(out / "metrics.json")["stop_reason"] == "budget"
+    assert main(["train", "count", "--out", str(out), "--resume"]) == 2
+    one_error_line(capsys.readouterr(), r"that run spent its budget of 50 steps; pass a larger --steps to continue it$")
+    assert main(["train", "count", "--out", str(out), "--resume", "--lr", "0.2", "--steps", "5000"]) == 2
+    one_error_line(capsys.readouterr(), rf"--lr 0.2: the run in {out} trains with 0.1; a resumed run keeps "
+                                        r"its settings$")
+    assert main(["train", "count", "--out", str(out), "--resume", "--steps", "5000"]) == 0
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["resumed_at"] == [50] and metrics["settings"]["steps"] == 5000 and metrics["converged"]
+    assert_same_run(out, count_run)
+    capsys.readouterr()
+    assert main(["train", "count", "--out", str(out), "--resume", "--steps", "6000"]) == 2
+    one_error_line(capsys.readouterr(), r"that run already ended \(both weights within tolerance of the target")
+
+
+def test_the_out_folder_is_checked_before_training(count_run, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main(["train", "count", "--seed", "3", "--steps", "5", "--out", str(blocker / "run")]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""  # refused before any training
-    err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("rnnjax: error: ") and "file/run" in err[0]
+    stranger = tmp_path / "notes"
+    stranger.mkdir()
+    (stranger / "todo.txt").write_text("")
+    cases = [
+        (["--out", str(blocker)], rf"--out {blocker}: exists and is not a folder$"),
+        (["--out", str(blocker / "run")], rf"--out {blocker}/run: cannot write there \(Not a directory\)$"),
+        (["--out", str(count_run)], r"already holds a run; pass --resume to continue it or --overwrite to replace it$"),
+        (["--out", str(stranger), "--overwrite"],
+         r"holds files that are not an rnnjax run \('todo.txt'\); choose another folder$"),
+        (["--out", str(tmp_path / "new"), "--resume"], r"holds no run to resume \(no checkpoints folder\)$"),
+        (["--checkpoint-every", "10"], r"--resume, --overwrite and --checkpoint-every need --out$"),
+        (["--out", str(count_run), "--resume", "--seed", "5"], r"--seed 5: the run in \S+ started from seed 0"),
+        (["--out", str(count_run), "--resume", "--overwrite"],
+         r"argument --overwrite: not allowed with argument --resume"),
+        (["--steps", "1e3"], r"argument --steps: expected a positive integer; received '1e3'$"),
+        (["--lr", "nan"], r"argument --lr: expected a positive finite number; received 'nan'$"),
+        (["--tol", "-1"], r"argument --tol: expected a positive finite number; received '-1'$"),
+        (["--skip-nonfinite", "-1"], r"argument --skip-nonfinite: expected an integer >= 0; received '-1'$"),
+    ]
+    for args, match in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            raise SystemExit(main(["train", "count", "--steps", "5", *args] if "--steps" not in args
+                                  else ["train", "count", *args]))
+        assert exit_info.value.code == 2, args
+        one_error_line(capsys.readouterr(), match)
+    assert not (tmp_path / "new").exists()
+    assert main(["train", "count", "--seed", "3", "--steps", "5", "--out", str(count_run.parent / "copy")]) == 1
+    assert main(["train", "count", "--seed", "3", "--out", str(count_run.parent / "copy"), "--overwrite"]) == 0
+    assert_same_run(count_run.parent / "copy", count_run)
 
 
 def test_saved_files_have_the_usual_permissions(l1_run):
     umask = os.umask(0)
     os.umask(umask)
-    for path in l1_run.iterdir():
-        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    for name in ("metrics.json", "training.png"):
+        assert (l1_run / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-@pytest.mark.parametrize("flag", ["--tol", "--lr"])
-def test_infinite_settings_are_refused(flag, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "l1", flag, "inf"])
-    assert exit_info.value.code == 2
-    assert "expected a positive finite number; received inf" in capsys.readouterr().err
+def rnnjax(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "rnnjax", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def test_read_sequence_accepts_a_column_array(tmp_path):
-    path = tmp_path / "col.npy"
-    np.save(path, np.arange(4.0).reshape(4, 1))
-    np.testing.assert_array_equal(runs.read_sequence(path), np.arange(4.0))
-    np.save(path, np.ones((2, 3)))
-    with pytest.raises(ValueError, match=r"one sequence; received an array of shape \(2, 3\)"):
-        runs.read_sequence(path)
+def wait_for_checkpoint(process, folder, step, timeout=120):
+    """Waits until the training ``process`` has saved a checkpoint at ``step`` or later."""
+    deadline = time.monotonic() + timeout
+    while max(checkpoint_steps(folder), default=-1) < step:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_run_resumes_exactly(count_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    process = rnnjax("train", "count", "--seed", "3", "--checkpoint-every", "1", "--out", str(out))
+    wait_for_checkpoint(process, out / "checkpoints", 3)
+    process.send_signal(2)  # SIGINT, as Ctrl-C sends it
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    step = int(re.fullmatch(rf"rnnjax: interrupted at step (\d+) \(saved in {out}\); continue with: "
+                            rf"rnnjax train count --out {out} --resume", last).group(1))
+    assert step >= 3 and checkpoint_steps(out / "checkpoints")[-1] == step
+    assert not (out / "metrics.json").exists()  # an interrupted run has not ended
+    assert main(["train", "count", "--out", str(out), "--resume", "--checkpoint-every", "1000"]) == 0
+    assert strict_json(out / "metrics.json")["resumed_at"] == [step]
+    assert_same_run(out, count_run)
+
+
+def test_ctrl_c_while_compiling_leaves_a_resumable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    process = rnnjax("train", "count", "--seed", "3", "--out", str(out))
+    while not out.exists():  # the folder is made just before training starts, and compiling
+        assert process.poll() is None
+        time.sleep(0.001)
+    process.send_signal(2)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert re.fullmatch(rf"rnnjax: interrupted at step 0 \(saved in {out}\); continue with: "
+                        rf"rnnjax train count --out {out} --resume", err.strip().splitlines()[-1])
+    assert checkpoint_steps(out / "checkpoints") == [0]  # never an empty folder
+
+
+def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(tmp_path):
+    # Importing JAX takes a second or two: a Ctrl-C then must cut no import short (a
+    # KeyboardInterrupt inside a C extension's import becomes an ImportError) nor be swallowed.
+    out = tmp_path / "run"
+    process = rnnjax("train", "count", "--seed", "3", "--out", str(out))
+    time.sleep(0.2)
+    process.send_signal(2)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("rnnjax: interrupted")
+    assert not out.exists() or checkpoint_steps(out / "checkpoints")  # never an empty folder
+
+
+def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_bits(count_run, tmp_path, capsys):
+    # A checkpoint every step: most of the run's time is spent saving, so the kills below land
+    # mid-save (or mid-deletion of an old step) as often as not.
+    out = tmp_path / "run"
+    rng = np.random.default_rng(7)
+    for kill in range(2):
+        args = ["--out", str(out), "--resume"] if kill else ["--seed", "3", "--out", str(out)]
+        process = rnnjax("train", "count", "--checkpoint-every", "1", *args)
+        wait_for_checkpoint(process, out / "checkpoints", max(checkpoint_steps(out / "checkpoints"), default=0) + 3)
+        time.sleep(rng.uniform(0, 0.1))
+        process.kill()  # SIGKILL: no handler runs
+        process.communicate()
+        assert process.returncode == -9
+        assert main(["eval", "count", "--params", str(out), "--length", "5"]) == 0  # the last whole step loads
+        assert "interrupted or killed at step" in capsys.readouterr().err
+    assert main(["train", "count", "--out", str(out), "--resume", "--checkpoint-every", "1000"]) == 0
+    assert len(strict_json(out / "metrics.json")["resumed_at"]) == 2
+    assert_same_run(out, count_run)
 
 
 def test_demo_trains_both_networks_and_checks_them():
@@ -154,3 +354,11 @@ def test_unknown_command_is_one_line_and_exit_2():
     result = subprocess.run([sys.executable, "-m", "rnnjax", "fly"], capture_output=True, text=True)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_load_run_reports_the_step_and_whether_the_run_converged(l1_run, tmp_path):
+    loaded = load_run(l1_run, "l1")
+    assert loaded.converged and loaded.step == strict_json(l1_run / "metrics.json")["steps"]
+    train_run("count", first_seed=3, given={"steps": 30}, out=tmp_path)
+    loaded = load_run(tmp_path, "count")
+    assert (loaded.converged, loaded.step, loaded.status) == (False, 30, "stop reason: budget, after 30 steps")

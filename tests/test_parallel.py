@@ -1,0 +1,270 @@
+"""The exact parallel scan over its whole stated domain, against a float64 NumPy loop.
+
+The domain (rnnjax/parallel.py): float32 and float64; W_hh zero or of magnitude in [1e-30, 3];
+inputs up to 1e6 in magnitude; any length; non-negative initial states; wherever the loop's
+states stay below 1e30. The bound is the docstring's, computed here in float64.
+"""
+
+import chex
+import flax.linen as nn
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from rnnjax import L1Norm, ReLUCell, rnn
+from rnnjax.parallel import default_block_size, levels, relu_scan
+
+
+def reference(w, inputs, lengths, h0):
+    """Float64 states of h_t = max(0, w h_{t-1} + u_t), zero past each length, and the bound's
+    magnitude term max_{s<=t} |w|^(t-s) (|w h_{s-1}| + |u_s|) at every step."""
+    w, inputs, h0 = (np.asarray(a, np.float64) for a in (w, inputs, h0))
+    batch, time, features = inputs.shape
+    states, magnitudes = np.zeros((batch, time, features)), np.zeros((batch, time, features))
+    for b in range(batch):
+        h, magnitude = h0[b].copy(), np.zeros(features)
+        for t in range(int(lengths[b])):
+            term = np.abs(w * h) + np.abs(inputs[b, t])
+            magnitude = np.maximum(np.abs(w) * magnitude, term)
+            h = np.maximum(0.0, w * h + inputs[b, t])
+            states[b, t], magnitudes[b, t] = h, magnitude
+    return states, magnitudes
+
+
+def assert_within_bound(states, w, inputs, lengths, h0, block_size):
+    """Finite wherever the loop is, and within the documented bound of the float64 loop."""
+    expected, magnitudes = reference(w, inputs, lengths, h0)
+    if np.abs(expected).max() >= 1e30:
+        return False  # outside the domain: the loop's own states pass 1e30
+    states = np.asarray(states, np.float64)
+    assert np.isfinite(states).all(), "NaN or inf where the float64 loop is finite"
+    info = np.finfo(np.asarray(inputs).dtype)
+    k = 8 * (block_size + 16 * levels(inputs.shape[1], block_size))
+    bound = k * info.eps * magnitudes + k * float(info.tiny) * (1 + np.abs(expected).max())
+    error = np.abs(states - expected)
+    assert (error <= bound).all(), f"error {error.max():.3g} over the bound at {np.argmax(error - bound)}"
+    return True
+
+
+_scan = jax.jit(relu_scan, static_argnames="block_size")
+
+
+def draw(rng, dtype, batch, time, features, input_scale, weight_magnitude):
+    """Inputs of both signs (some exactly 0), weights of both signs at the given magnitude."""
+    inputs = rng.normal(size=(batch, time, features)) * input_scale
+    inputs[rng.random(inputs.shape) < 0.1] = 0.0
+    inputs = np.clip(inputs, -1e6, 1e6).astype(dtype)
+    w = (weight_magnitude * rng.choice([-1.0, 1.0], size=features)).astype(dtype)
+    lengths = rng.integers(0, time + 1, size=batch)
+    lengths[0] = time
+    h0 = (np.abs(rng.normal(size=(batch, features))) * input_scale).astype(dtype)
+    return w, inputs, lengths, h0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    double=st.booleans(),
+    time=st.sampled_from([1, 2, 7, 64, 65, 300, 1000]),
+    block_size=st.sampled_from([None, 1, 3, 16]),
+    log_weight=st.one_of(st.just(None), st.floats(-30, np.log10(3))),
+    log_input=st.floats(-6, 6),
+)
+def test_parallel_is_finite_and_within_its_bound_over_the_domain(
+        seed, double, time, block_size, log_weight, log_input):
+    rng = np.random.default_rng(seed)
+    dtype = np.float64 if double else np.float32
+    magnitude = 0.0 if log_weight is None else 10.0**log_weight
+    w, inputs, lengths, h0 = draw(rng, dtype, 3, time, 2, 10.0**log_input, magnitude)
+    size = default_block_size(time) if block_size is None else block_size
+    with jax.enable_x64(double):
+        states = _scan(jnp.asarray(w), jnp.asarray(inputs), jnp.asarray(lengths), jnp.asarray(h0),
+                       block_size=size)
+        assert states.dtype == dtype
+        assert_within_bound(states, w, inputs, lengths, h0, size)
+
+
+@pytest.mark.parametrize(
+    "w, time, scale, batch, double",
+    [
+        (-0.9, 1000, 10.0, 100, False),  # the audit's cases: NaN in 68 of 100 sequences before
+        (-0.9, 1000, 100.0, 100, False),
+        (-0.5, 128, 100.0, 100, False),
+        (0.3, 1000, 1e5, 50, False),
+        (-0.99, 100_000, 3.0, 4, False),
+        (-0.5, 1100, 100.0, 20, True),
+        (3.0, 300, 1.0, 8, False),  # |w| > 1: slopes of long spans overflow
+        (1e-30, 500, 1e6, 8, False),  # tiny slopes: products underflow
+    ],
+)
+def test_the_audits_cases_are_finite_and_exact(w, time, scale, batch, double):
+    rng = np.random.default_rng(0)
+    dtype = np.float64 if double else np.float32
+    inputs = (rng.normal(size=(batch, time, 1)) * scale).astype(dtype)
+    lengths, h0 = np.full(batch, time), np.zeros((batch, 1), dtype)
+    with jax.enable_x64(double):
+        size = default_block_size(time)
+        states = _scan(jnp.full(1, w, dtype), jnp.asarray(inputs), jnp.asarray(lengths),
+                       jnp.asarray(h0), block_size=size)
+        assert_within_bound(states, np.full(1, w, dtype), inputs, lengths, h0, size)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 64])
+def test_tiny_negative_weights_pick_the_right_bound(block_size):
+    states = relu_scan(jnp.full(1, -1e-20), jnp.ones((1, 2, 1)), jnp.array([2]), jnp.zeros((1, 1)),
+                       block_size=block_size)
+    chex.assert_trees_all_equal(states[0, :, 0], jnp.ones(2))
+
+
+def test_every_block_size_gives_the_same_states_within_rounding():
+    rng = np.random.default_rng(1)
+    w, inputs, lengths, h0 = draw(rng, np.float32, 4, 777, 3, 2.0, 0.97)
+    args = (jnp.asarray(w), jnp.asarray(inputs), jnp.asarray(lengths), jnp.asarray(h0))
+    baseline = _scan(*args, block_size=1)
+    for size in (2, 5, 16, 64, 777, 1000):
+        chex.assert_trees_all_close(_scan(*args, block_size=size), baseline, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="block_size must be a positive integer; received 0"):
+        relu_scan(*args, block_size=0)
+
+
+# -- through rnn: derivatives, dtypes, methods --------------------------------------------------
+
+def cell_params(w_ih, w_hh, dtype=jnp.float32):
+    return {"params": {"W_ih": jnp.full((1, 1), w_ih, dtype), "W_hh": jnp.full((1, 1), w_hh, dtype)}}
+
+
+def final_state_loss(params, xs, lengths, method):
+    final_state, states = rnn(ReLUCell(1), params, xs, lengths, method=method)
+    return jnp.sum(final_state**2) + jnp.sum(jnp.sin(states))
+
+
+@pytest.mark.parametrize("w_hh", [0.7, -0.5, 1.0])
+def test_second_derivatives_and_forward_mode_equal_sequential(w_hh):
+    xs = jnp.asarray(np.random.default_rng(2).normal(size=(3, 40, 1)), jnp.float32)
+    lengths, params = jnp.array([40, 17, 0]), cell_params(0.9, w_hh)
+    results = {}
+    for method in ("sequential", "parallel"):
+        loss = lambda p, m=method: final_state_loss(p, xs, lengths, m)  # noqa: E731
+        hessian = jax.jit(jax.hessian(loss))(params)
+        grad_of_grad = jax.grad(lambda p: jax.grad(loss)(p)["params"]["W_hh"].sum())(params)
+        tangent = jax.jvp(loss, (params,), (jax.tree.map(jnp.ones_like, params),))
+        results[method] = (hessian, grad_of_grad, tangent)
+    chex.assert_tree_all_finite(results["parallel"])
+    chex.assert_trees_all_close(results["parallel"], results["sequential"], rtol=2e-4, atol=2e-4)
+
+
+def test_the_second_derivative_of_a_sum_is_the_analytic_one():
+    """With W_ih = 1 the final state of [1, 2, 3, 4] is w^3 + 2 w^2 + 3 w + 4 in w = W_hh, whose
+    second derivative at w = 1 is 6 + 4 = 10; grad of grad and hessian give it for both methods."""
+    xs = jnp.array([[[1.0], [2.0], [3.0], [4.0]]])
+
+    def final(w_hh, method):
+        return rnn(ReLUCell(1), cell_params(1.0, w_hh), xs, method=method)[0][0, 0]
+
+    for method in ("sequential", "parallel"):
+        second = jax.jit(jax.grad(jax.grad(final)), static_argnums=1)
+        assert float(second(1.0, method)) == pytest.approx(10.0)
+        assert float(jax.jit(jax.hessian(final), static_argnums=1)(1.0, method)) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_weights_run_in_float32_and_return_the_cells_dtype(param_dtype):
+    cell = ReLUCell(1, param_dtype=param_dtype)
+    params = cell_params(1.0, 1e-3, param_dtype)
+    xs = jnp.array([[[100.0], [50.0], [-3.0], [70.0]]], param_dtype)
+    final_state, states = rnn(cell, params, xs, method="parallel")
+    expected_final, expected = rnn(cell, params, xs, method="sequential")
+    assert states.dtype == final_state.dtype == expected.dtype == param_dtype
+    chex.assert_tree_all_finite(states)
+    chex.assert_trees_all_close((final_state, states), (expected_final, expected), rtol=1e-2)
+
+
+def test_gradients_of_the_audits_nan_batches_match_the_float64_loop():
+    rng = np.random.default_rng(3)
+    xs = (rng.normal(size=(20, 1000, 1)) * 10).astype(np.float32)
+    lengths = jnp.asarray(rng.integers(1, 1001, size=20))
+
+    def loss(w_hh, method):
+        _, states = rnn(ReLUCell(1), cell_params(1.0, w_hh), jnp.asarray(xs), lengths, method=method)
+        return jnp.sum(states)
+
+    with jax.enable_x64(True):
+        exact = jax.grad(loss)(jnp.float64(-0.9), "sequential")  # float64 params and inputs
+    for method in ("sequential", "parallel"):
+        assert float(jax.grad(loss)(jnp.float32(-0.9), method)) == pytest.approx(float(exact), rel=1e-4)
+
+
+def test_auto_keeps_the_l1_norm_of_a_long_sequence_within_1e_6():
+    """On a CPU the loop's float32 sum drifts to 1e-4 at 1e6 steps; "auto" picks the blocked
+    scan there, which sums in tree order (1e7 steps here; 1e8 in benchmarks/accuracy.py)."""
+    xs = np.random.default_rng(4).normal(size=(1, 10**7)).astype(np.float32)
+    params = {"params": {"cell": cell_params(1.0, 1.0)["params"]}}
+    predicted = float(jax.jit(L1Norm().apply)(params, jnp.asarray(xs))[0])
+    exact = np.abs(xs.astype(np.float64)).sum()
+    assert abs(predicted - exact) / exact < 1e-6
+
+
+def test_parallel_traces_once_per_shape():
+    cell, params = ReLUCell(1), cell_params(1.0, 0.5)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def forward(xs, lengths):
+        return rnn(cell, params, xs, lengths, method="parallel")
+
+    for seed in range(3):
+        xs = jax.random.normal(jax.random.key(seed), (2, 300, 1))
+        forward(xs, jnp.array([300, seed]))
+
+
+# -- any flax cell, sequentially ----------------------------------------------------------------
+
+@pytest.mark.parametrize("make_cell", [lambda: nn.LSTMCell(4), lambda: nn.OptimizedLSTMCell(4),
+                                       lambda: nn.GRUCell(4)])
+def test_pytree_carry_cells_match_flax_rnn_with_seq_lengths(make_cell):
+    cell = make_cell()
+    xs = jax.random.normal(jax.random.key(0), (3, 9, 2))
+    lengths = jnp.array([9, 4, 0])
+    params = cell.init(jax.random.key(1), cell.initialize_carry(jax.random.key(2), (3, 2)), xs[:, 0])
+    final_carry, outputs = rnn(cell, params, xs, lengths, method="auto")
+    flax_carry, flax_outputs = nn.RNN(cell, return_carry=True).apply(
+        {"params": {"cell": params["params"]}}, xs, seq_lengths=lengths)
+    mask = (jnp.arange(9)[None] < lengths[:, None])[..., None]
+    chex.assert_trees_all_close(jnp.where(mask, outputs, 0), jnp.where(mask, flax_outputs, 0),
+                                rtol=1e-5, atol=1e-6)
+    # flax's carry for a length of 0 wraps around to the last step; rnn keeps the initial one.
+    chex.assert_trees_all_close(jax.tree.map(lambda c: c[:2], final_carry),
+                                jax.tree.map(lambda c: c[:2], flax_carry), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(outputs[1, 4:]).max()) == 0.0  # zero past each length
+    carry0 = cell.initialize_carry(jax.random.key(2), (3, 2))
+    chex.assert_trees_all_equal(jax.tree.map(lambda c: c[2], final_carry),
+                                jax.tree.map(lambda c: c[2], carry0))  # length 0 keeps the carry
+
+
+def test_pytree_initial_state_of_the_wrong_shape_is_refused():
+    cell = nn.LSTMCell(4)
+    xs = jnp.ones((3, 5, 2))
+    params = cell.init(jax.random.key(1), cell.initialize_carry(jax.random.key(2), (3, 2)), xs[:, 0])
+    bad = (jnp.zeros((3, 4)), jnp.zeros((3, 5)))
+    with pytest.raises(ValueError, match=r"shaped like the cell's carry .*\(3, 4\).* received .*\(3, 5\)"):
+        rnn(cell, params, xs, initial_state=bad)
+
+
+@pytest.mark.parametrize("method", ["sequential", "parallel"])
+def test_unsigned_lengths_past_int32_act_as_time_under_jit(method):
+    cell, params = ReLUCell(1), cell_params(1.0, 1.0)
+    xs = jnp.ones((2, 6, 1))
+    lengths = jnp.array([2**31 + 5, 3], jnp.uint32)
+    final_state, states = jax.jit(lambda l: rnn(cell, params, xs, l, method=method))(lengths)
+    chex.assert_trees_all_equal(final_state[:, 0], jnp.array([6.0, 3.0]))
+    chex.assert_trees_all_equal(states[1, 3:, 0], jnp.zeros(3))
+
+
+def test_params_for_another_input_size_are_a_value_error_naming_both_shapes():
+    cell = ReLUCell(1)
+    params = cell.init(jax.random.key(0), jnp.zeros((1, 1)), jnp.zeros((1, 1)))
+    with pytest.raises(ValueError, match=r"params do not fit xs of shape \(2, 5, 2\).*\(1, 1\)"):
+        rnn(cell, params, jnp.ones((2, 5, 2)))
