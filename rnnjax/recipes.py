@@ -10,9 +10,10 @@ the batches. ``benchmarks/SWEEPS.md`` holds the measured rates.
   gradient is then exactly 0 (a dead ReLU), so about half the runs never move.
 - "squared": ``W_ih = v * v`` for a trained ``v`` drawn like ``W_ih`` was (a product of
   weights, so ``W_ih >= 0`` and the dead region is gone: ``v`` reaches 0 only by landing on it
-  exactly); Adam lr 0.1 with ``b2 = 0.9999``, cosine-decayed to 0 over the budget; a fresh
-  batch every step. ``b2 = 0.9999`` and fresh batches let Adam land on 1.0 exactly; the decay
-  keeps the weights there once they arrive.
+  exactly); Adam lr 0.1 with ``b2 = 0.9999``, cosine-decayed to 0.001 over 3,000 steps and held
+  there; a fresh batch every step. ``b2 = 0.9999`` and fresh batches let Adam land on 1.0
+  exactly; the decay keeps the weights there once they arrive. The schedule does not depend on
+  the step budget, so a run continued with a larger budget goes on as a longer one would have.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import jax
 import optax
 
 from rnnjax.data import Batch
-from rnnjax.sweep import SweepResult, sweep, weight_elements
+from rnnjax.sweep import SweepResult, sweep
+from rnnjax.train import weight_elements
 
 __all__ = ["Reparametrized", "square_input_weights", "Recipe", "RECIPES", "sweep_recipe"]
 
@@ -80,9 +82,11 @@ class Recipe(NamedTuple):
       name: the name ``RECIPES`` and ``--recipe`` know it by.
       summary: one line for help texts and reports.
       transform: ``params -> weights`` (see ``Reparametrized``).
-      lr: Adam's learning rate (its peak, with ``decay``).
+      lr: Adam's learning rate (its peak, with ``decay_steps``).
       b2: Adam's second-moment decay.
-      decay: cosine-decay the learning rate to 0 over the step budget.
+      decay_steps: cosine-decay the learning rate over this many steps to ``final_lr`` times
+        ``lr``, then hold it there; None keeps it constant.
+      final_lr: see ``decay_steps``.
       fresh_batches: draw a new batch every step; else one batch per run, kept throughout.
       batch_size: sequences per batch.
       steps: the step budget.
@@ -93,7 +97,8 @@ class Recipe(NamedTuple):
     transform: Callable[[Any], Any]
     lr: float
     b2: float
-    decay: bool
+    decay_steps: int | None
+    final_lr: float
     fresh_batches: bool
     batch_size: int = 8
     steps: int = 3000
@@ -102,22 +107,22 @@ class Recipe(NamedTuple):
         """Returns ``model`` with this recipe's parametrisation."""
         return Reparametrized(model, self.transform)
 
-    def optimizer(self, steps: int | None = None, lr: float | None = None) -> optax.GradientTransformation:
-        """Returns Adam as this recipe runs it, for a budget of ``steps`` (None: ``self.steps``)
-        and a peak learning rate ``lr`` (None: ``self.lr``)."""
+    def optimizer(self, lr: float | None = None) -> optax.GradientTransformation:
+        """Returns Adam as this recipe runs it, with a peak learning rate ``lr`` (None: ``self.lr``)."""
         lr = self.lr if lr is None else lr
-        if self.decay:
-            lr = optax.cosine_decay_schedule(lr, self.steps if steps is None else steps)
+        if self.decay_steps is not None:
+            lr = optax.cosine_decay_schedule(lr, self.decay_steps, alpha=self.final_lr)
         return optax.adam(lr, b2=self.b2)
 
 
 RECIPES: dict[str, Recipe] = {
     "notebook": Recipe(
         "notebook", "seed 000's recipe: Adam lr 0.1, one fixed batch of 8, 3000 steps",
-        _identity, lr=0.1, b2=0.999, decay=False, fresh_batches=False),
+        _identity, lr=0.1, b2=0.999, decay_steps=None, final_lr=1.0, fresh_batches=False),
     "squared": Recipe(
-        "squared", "W_ih = v*v; Adam lr 0.1, b2 0.9999, cosine decay; a fresh batch of 8 each step",
-        square_input_weights, lr=0.1, b2=0.9999, decay=True, fresh_batches=True),
+        "squared", "W_ih = v*v; Adam lr 0.1, b2 0.9999, cosine decay to 0.001 over 3000 steps; "
+        "a fresh batch of 8 each step",
+        square_input_weights, lr=0.1, b2=0.9999, decay_steps=3000, final_lr=0.01, fresh_batches=True),
 }
 
 
@@ -157,7 +162,7 @@ def sweep_recipe(
     network = recipe.network(model)
     return sweep(
         network,
-        recipe.optimizer(steps, lr),
+        recipe.optimizer(lr),
         lambda key: batch(key, recipe.batch_size),
         seeds=seeds,
         steps=steps,

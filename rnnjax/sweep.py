@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from rnnjax.data import Batch
 from rnnjax.devices import device_mesh
-from rnnjax.train import TrainState, init_state, make_train_step, squared_error, weights_by_path
+from rnnjax.train import TrainState, init_state, make_train_step, squared_error, weight_elements
 
-__all__ = ["OUTCOMES", "SweepResult", "sweep", "summarize", "weight_elements", "loss_landscape"]
+__all__ = ["OUTCOMES", "SweepResult", "sweep", "summarize", "loss_landscape"]
 
 OUTCOMES = ("converged", "dead", "diverged", "stuck")
 
@@ -83,17 +83,6 @@ class _Carry(NamedTuple):
     converged_at: jax.Array  # first step count at which every watched weight was within tol
     loss: jax.Array
     grad_norm: jax.Array
-
-
-def weight_elements(params) -> dict[str, jax.Array]:
-    """Returns every weight's element as a scalar, keyed by path (``"cell/W_ih"``), with an index
-    for weights of more than one element (``"dense/kernel[1]"``)."""
-    named = {}
-    for name, w in weights_by_path(params).items():
-        flat = jnp.ravel(w)
-        named.update({name: flat[0]} if flat.size == 1 else
-                     {f"{name}[{i}]": flat[i] for i in range(flat.size)})
-    return named
 
 
 def sweep(

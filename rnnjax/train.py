@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -14,13 +14,14 @@ import optax
 from tqdm.auto import tqdm
 
 from rnnjax.data import Batch
+from rnnjax.devices import device_mesh, replicate, shard_leading_axis
 from rnnjax.masking import length_mask
 
 __all__ = ["TrainState", "FitResult", "STOP_REASONS", "CONVERGED", "init_state", "squared_error", "make_train_step",
-           "seed_keys", "fit_start", "fit", "weights_by_path"]
+           "seed_keys", "fit_start", "fit", "weights_by_path", "weight_elements"]
 
 STOP_REASONS = {  # why fit stopped (FitResult.stop_reason), in words
-    "weights": "both weights within tolerance of the target",
+    "weights": "every watched weight within tolerance of the target",
     "loss": "loss under tolerance",
     "dead": "dead ReLU: every gradient is 0",
     "diverged": "diverged: a non-finite loss, gradient or weight",
@@ -52,7 +53,7 @@ class FitResult(NamedTuple):
       state: the final ``TrainState``; its loss and weights are the last row of ``history``.
       initial_params: the variables drawn at init, before any step.
       steps: number of steps taken (``state.step``).
-      stop_reason: "weights" (every weight within ``weight_tol`` of ``target_weight``),
+      stop_reason: "weights" (every watched weight within ``weight_tol`` of ``target_weight``),
         "loss" (the state's loss at most ``loss_tol``), "dead" (``dead_steps`` steps in a row
         with every gradient exactly zero while the loss is not: a dead ReLU, which no optimizer
         can leave), "diverged" (step ``steps + 1`` gave a non-finite loss, gradient or weight;
@@ -145,22 +146,39 @@ class _Program(NamedTuple):
     """The compiled pieces of a fit, shared by every fit of the same model, optimizer and data."""
 
     optimizer: optax.GradientTransformation  # wrapped in apply_if_finite when skipping
-    batch_at: Callable  # (source, i) -> Batch; source is the data key, or the batch itself
+    source: Callable  # (data, seed) -> the data key, or the batch of every step (on the devices)
+    batch_at: Callable  # (source, i) -> Batch
     step: Callable  # (state, batch) -> (state, row): the update and what fit watches, one dispatch
+    place: Callable  # state -> the state on the devices (replicated), or as it is on one
 
 
 @functools.lru_cache(maxsize=16)
-def _program(model, optimizer, draw, target_weight, skip_nonfinite) -> _Program:
-    """Builds the jitted step once per setting, so fits from other seeds reuse its compilation."""
+def _program(model, optimizer, draw, target_weight, skip_nonfinite, watch, fresh_batches, devices) -> _Program:
+    """Builds the jitted step once per setting, so fits from other seeds reuse its compilation.
+
+    ``draw`` is the function that draws batches, or None for one ``Batch`` given by the caller."""
     if skip_nonfinite:
         optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=skip_nonfinite)
     train_step = make_train_step(model, optimizer)
     target = jnp.nan if target_weight is None else target_weight
+    mesh = device_mesh(devices)
+    if mesh.size == 1:  # one device: nothing is placed, exactly as without a mesh
+        place = shard = lambda tree: tree  # noqa: E731
+    else:  # the batch split over the devices, the parameters and optimizer state on each
+        place = functools.partial(replicate, mesh=mesh)
+        shard = functools.partial(shard_leading_axis, mesh=mesh)
 
     if draw is None:
-        batch_at = lambda source, i: source  # noqa: E731  the fixed batch itself
+        source = lambda data, seed: shard(data)  # noqa: E731  the caller's batch, every step
+        batch_at = lambda source, i: source  # noqa: E731
+    elif not fresh_batches:  # the seed's first batch, kept for every step
+        first = jax.jit(lambda key: draw(jax.random.fold_in(key, 0)))
+        source = lambda data, seed: shard(first(seed_keys(seed)[1]))  # noqa: E731
+        batch_at = lambda source, i: source  # noqa: E731
     else:
-        batch_at = jax.jit(lambda source, i: draw(jax.random.fold_in(source, i)))
+        drawn = jax.jit(lambda key, i: draw(jax.random.fold_in(key, i)))
+        source = lambda data, seed: seed_keys(seed)[1]  # noqa: E731
+        batch_at = lambda source, i: shard(drawn(source, i))  # noqa: E731
 
     @jax.jit  # the batch is drawn apart: fused into the step, its float32 rounding would change
     def step(state, batch):
@@ -174,14 +192,10 @@ def _program(model, optimizer, draw, target_weight, skip_nonfinite) -> _Program:
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(loss)
         params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(w)) for w in jax.tree.leaves(new.params)]))
         row = {"loss": loss, "grad_norm": metrics["grad_norm"], "skipped": skipped,
-               "diverged": ~params_finite | (~skipped & ~finite), **_observe(new.params, target)}
+               "diverged": ~params_finite | (~skipped & ~finite), **_observe(watch(new.params), target)}
         return new, row
 
-    return _Program(optimizer, batch_at, step)
-
-
-def _source(data: Batch | Callable[[jax.Array], Batch], seed: int):
-    return data if isinstance(data, Batch) else seed_keys(seed)[1]
+    return _Program(optimizer, source, batch_at, step, place)
 
 
 def _draw(data):
@@ -195,8 +209,13 @@ def fit_start(
     *,
     seed: int,
     skip_nonfinite: int = 0,
+    watch: Callable[[Any], dict[str, jax.Array]] | None = None,
+    fresh_batches: bool = True,
+    devices: int | None = None,
 ) -> FitResult:
     """Returns where ``fit`` starts from ``seed``: step 0, the drawn init, an empty history.
+
+    The keywords are ``fit``'s: the same values give the same start.
 
     It has the structure of every later state of the same fit, so it is the template a
     checkpoint is restored into (``rnnjax.checkpoints``); ``fit(..., start=...)`` continues one.
@@ -209,10 +228,11 @@ def fit_start(
       >>> start.steps, start.stop_reason, start.history["loss"].shape
       (0, 'running', (0,))
     """
-    program = _program(model, optimizer, _draw(data), None, skip_nonfinite)
-    source = _source(data, seed)
-    state = init_state(model, program.optimizer, seed_keys(seed)[0], program.batch_at(source, 0))
-    rows = jax.eval_shape(program.step, state, program.batch_at(source, 0))[1]
+    program = _program(model, optimizer, _draw(data), None, skip_nonfinite, watch or weight_elements,
+                       fresh_batches, devices)
+    batch = program.batch_at(program.source(data, seed), 0)
+    state = init_state(model, program.optimizer, seed_keys(seed)[0], batch)
+    rows = jax.eval_shape(program.step, state, batch)[1]
     history = {"step": np.zeros(0, np.int64)}
     history.update({k: np.zeros(0, v.dtype) for k, v in rows.items() if k != "diverged"})
     return FitResult(state, state.params, 0, "running", history)
@@ -226,7 +246,7 @@ def fit(
     seed: int,
     max_steps: int,
     target_weight: float | None = None,
-    weight_tol: float = 1e-5,
+    weight_tol: float | Mapping[str, float] = 1e-5,
     loss_tol: float | None = None,
     skip_nonfinite: int = 0,
     dead_steps: int = 25,
@@ -236,6 +256,9 @@ def fit(
     checkpoint_every: int | None = None,
     on_checkpoint: Callable[[FitResult], None] | None = None,
     interrupt: Callable[[], bool] | None = None,
+    watch: Callable[[Any], dict[str, jax.Array]] | None = None,
+    fresh_batches: bool = True,
+    devices: int | None = None,
 ) -> FitResult:
     """Trains from a random init until a stop rule holds; reproducible from ``seed``.
 
@@ -254,10 +277,11 @@ def fit(
       optimizer: an optax gradient transformation.
       data: a ``Batch`` to train on at every step, or a function ``key -> Batch`` that draws a
         fresh one each step (jitted here; batch ``i`` from ``fold_in(seed_keys(seed)[1], i)``).
+        ``sweep`` draws the same batches for the same seed.
       seed: an integer; it fixes the init and every drawn batch.
       max_steps: the step budget.
-      target_weight: if set, stop once every weight is within ``weight_tol`` of it.
-      weight_tol: see ``target_weight``.
+      target_weight: if set, stop once every watched weight is within ``weight_tol`` of it.
+      weight_tol: see ``target_weight``; a mapping gives each watched weight, by name, its own.
       loss_tol: if set, stop once the loss is at most this.
       skip_nonfinite: how many non-finite gradients in a row to skip; 0 stops at the first.
       dead_steps: stop as "dead" after this many steps in a row with every gradient zero and
@@ -272,6 +296,14 @@ def fit(
       on_checkpoint: receives a ``FitResult`` with stop_reason "running" (e.g. to save it).
       interrupt: polled before each step; once it returns True the fit stops as "interrupted"
         with the state of the last step taken.
+      watch: ``params -> {name: scalar}``, the weights ``target_weight`` applies to and the
+        history records; None: every element of every weight (``weight_elements``). For a
+        reparametrised model, the weights the network computes with.
+      fresh_batches: with a function as ``data``, draw a new batch every step (True), or the
+        seed's batch 0 once and train on it throughout (False).
+      devices: spread each batch over this many of ``jax.devices()`` (its first axis split
+        evenly; parameters and optimizer state copied to each), None for all of them. On one
+        device nothing is placed; on several the results equal one device's to float32 rounding.
 
     Returns:
       A ``FitResult``.
@@ -297,13 +329,17 @@ def fit(
                              ("skip_nonfinite", skip_nonfinite, 0)]:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}; received {value!r}.")
+    watch = watch or weight_elements
     if start is None:
-        start = fit_start(model, optimizer, data, seed=seed, skip_nonfinite=skip_nonfinite)
+        start = fit_start(model, optimizer, data, seed=seed, skip_nonfinite=skip_nonfinite, watch=watch,
+                          fresh_batches=fresh_batches, devices=devices)
     if start.steps > max_steps:
         raise ValueError(f"start has taken {start.steps} steps, more than max_steps={max_steps}.")
-    program = _program(model, optimizer, _draw(data), target_weight, skip_nonfinite)
-    source = _source(data, seed)
-    weight_tol, loss_tol = float(weight_tol), -np.inf if loss_tol is None else float(loss_tol)
+    program = _program(model, optimizer, _draw(data), target_weight, skip_nonfinite, watch, fresh_batches,
+                       devices)
+    source = program.source(data, seed)
+    loss_tol = -np.inf if loss_tol is None else float(loss_tol)
+    near = _near_rule(weight_tol, start.history, target_weight)
     dtypes = {k: v.dtype for k, v in start.history.items()}
     columns = {k: list(v) for k, v in start.history.items() if k != "step"}
 
@@ -312,7 +348,7 @@ def fit(
         return FitResult(state, start.initial_params, int(state.step), stop_reason,
                          {"step": np.arange(1, len(history["loss"]) + 1, dtype=dtypes["step"]), **history})
 
-    state = head = start.state  # the last state taken, and the last one dispatched
+    state = head = program.place(start.state)  # the last state taken, and the last one dispatched
     steps, pending, stop_reason = start.steps, [], None
     dead_run = _trailing_dead_steps(start.history)
     with tqdm(total=max_steps, initial=steps, disable=not progress, unit="step") as bar:
@@ -333,7 +369,7 @@ def fit(
                 for k, v in row.items():
                     columns[k].append(v)
                 dead_run = dead_run + 1 if row["grad_norm"] == 0 and row["loss"] > 0 else 0
-                if row["weight_error"] < weight_tol:
+                if near(row):
                     stop_reason = "weights"
                 elif row["loss"] <= loss_tol:
                     stop_reason = "loss"
@@ -358,13 +394,42 @@ def weights_by_path(params) -> dict[str, jax.Array]:
     return {"/".join(k.key for k in path): leaf for path, leaf in flat}
 
 
-def _observe(params, target) -> dict[str, jax.Array]:
-    """Returns each weight's first element by path and "weight_error", the largest
-    ``|w - target|`` over every weight (NaN when the target is NaN)."""
-    weights = weights_by_path(params)
-    errors = [jnp.max(jnp.abs(w - target)) for w in weights.values()]
-    return {**{k: w.reshape(-1)[0] for k, w in weights.items()},
-            "weight_error": jnp.max(jnp.stack(errors))}
+def weight_elements(params) -> dict[str, jax.Array]:
+    """Returns every weight's element as a scalar, keyed by path (``"cell/W_ih"``), with an index
+    for weights of more than one element (``"dense/kernel[1]"``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> sorted(weight_elements({"params": {"dense": {"kernel": jnp.ones((1, 2))}}}))
+      ['dense/kernel[0]', 'dense/kernel[1]']
+    """
+    named = {}
+    for name, w in weights_by_path(params).items():
+        flat = jnp.ravel(w)
+        named.update({name: flat[0]} if flat.size == 1 else
+                     {f"{name}[{i}]": flat[i] for i in range(flat.size)})
+    return named
+
+
+def _observe(watched: dict[str, jax.Array], target) -> dict[str, jax.Array]:
+    """Returns the watched weights and "weight_error", the largest ``|w - target|`` among them
+    (NaN when the target is NaN)."""
+    errors = [jnp.abs(w - target) for w in watched.values()]
+    return {**watched, "weight_error": jnp.max(jnp.stack(errors))}
+
+
+def _near_rule(weight_tol, history: dict[str, np.ndarray], target_weight) -> Callable[[dict], bool]:
+    """Returns ``row -> bool``: every watched weight of the row within its tolerance of the target."""
+    if not isinstance(weight_tol, Mapping):
+        weight_tol = float(weight_tol)
+        return lambda row: row["weight_error"] < weight_tol
+    names = set(history) - {"step", "loss", "grad_norm", "skipped", "weight_error"}
+    if set(weight_tol) != names:
+        raise ValueError(f"weight_tol must name every watched weight, {sorted(names)}; received "
+                         f"{sorted(weight_tol)}.")
+    if target_weight is None:
+        return lambda row: False
+    return lambda row: all(abs(row[name] - target_weight) < tol for name, tol in weight_tol.items())
 
 
 def _trailing_dead_steps(history: dict[str, np.ndarray]) -> int:

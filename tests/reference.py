@@ -57,14 +57,14 @@ def numpy_scalar_grad(w_ih, w_hh, xs, lengths, targets, *, per_step):
     return grad
 
 
-def numpy_scalar_adam(w_ih, w_hh, batches, *, per_step, lr, b2, decay_steps=None,
+def numpy_scalar_adam(w_ih, w_hh, batches, *, per_step, lr, b2, decay_steps=None, final_lr=0.0,
                       square_input=False, b1=0.9, eps=1e-8):
     """Trains the scalar cell with Adam in float64 on ``batches``, one
     ``(xs, lengths, targets)`` per step (loss: see ``numpy_scalar_grad``); returns the weights
     ``(W_ih, W_hh)`` after each step, ``(steps, 2)``.
 
     ``square_input`` trains ``v`` with ``W_ih = v * v`` (``w_ih`` is then ``v``'s initial
-    value); ``decay_steps`` cosine-decays the learning rate to 0 as optax does. The decay rates
+    value); ``decay_steps`` cosine-decays the learning rate to ``final_lr * lr`` as optax does. The decay rates
     enter as optax's float32 run has them, ``b`` and ``1 - b`` each rounded to float32: 0.999
     becomes 0.99900001287, so the first step's bias correction is off by 1.3e-5 relative, and
     trajectories that start so differently drift apart by 1e-3 within 20 steps.
@@ -81,7 +81,11 @@ def numpy_scalar_adam(w_ih, w_hh, batches, *, per_step, lr, b2, decay_steps=None
             grad[0] *= 2 * params[0]
         m = b1_f32 * m + b1_moment * grad
         v = b2_f32 * v + b2_moment * grad**2
-        rate = lr if decay_steps is None else lr * 0.5 * (1 + np.cos(np.pi * min(step, decay_steps) / decay_steps))
+        if decay_steps is None:
+            rate = lr
+        else:
+            cosine = 0.5 * (1 + np.cos(np.pi * min(step, decay_steps) / decay_steps))
+            rate = lr * ((1 - final_lr) * cosine + final_lr)
         m_hat, v_hat = m / (1 - b1_f32 ** (step + 1)), v / (1 - b2_f32 ** (step + 1))
         params = params - rate * m_hat / (np.sqrt(v_hat) + eps)
         trajectory.append([params[0] ** 2 if square_input else params[0], params[1]])

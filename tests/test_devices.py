@@ -19,6 +19,7 @@ from rnnjax.data import l1_batch
 from rnnjax.devices import device_mesh, replicate, shard_leading_axis
 from rnnjax.models import L1Norm
 from rnnjax.recipes import RECIPES, sweep_recipe
+from rnnjax.tasks import task_settings, train_task
 from rnnjax.train import init_state, make_train_step
 
 four_devices = pytest.mark.skipif(
@@ -32,7 +33,7 @@ def test_on_four_simulated_cpu_devices():
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                           "-k", "four_devices"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "2 passed" in run.stdout and "skipped" not in run.stdout, run.stdout
+    assert "3 passed" in run.stdout and "skipped" not in run.stdout, run.stdout
 
 
 def l1_data(key, batch_size):
@@ -68,3 +69,16 @@ def test_four_devices_train_step_on_a_sharded_batch():
     chex.assert_trees_all_close(spread_metrics, alone_metrics, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"divisible by the 4 devices; received shape \(6, 10\)"):
         shard_leading_axis(l1_data(jax.random.key(0), 6), mesh)
+
+
+@four_devices
+def test_four_devices_fit_equals_one_device():
+    settings = task_settings("l1", steps=60)
+    one, four = (train_task("l1", seed=0, settings=settings, devices=n) for n in (1, 4))
+    weights = four.state.params["params"]["cell"]["W_ih"]
+    assert len(weights.sharding.device_set) == 4 and weights.sharding.is_fully_replicated
+    assert (one.steps, one.stop_reason) == (four.steps, four.stop_reason) == (60, "budget")
+    chex.assert_trees_all_close(four.state.params, one.state.params, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(four.history, one.history, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"divisible by the 4 devices; received shape \(6, 10\)"):
+        train_task("l1", seed=0, settings=task_settings("l1", steps=5, batch_size=6), devices=4)

@@ -9,7 +9,9 @@ import pytest
 
 from rnnjax import L1Norm, RunningCount
 from rnnjax.data import count_batch, l1_batch
-from rnnjax.train import _loss, fit, fit_start, init_state, make_train_step, seed_keys, squared_error
+from rnnjax.recipes import Reparametrized, square_input_weights
+from rnnjax.train import (_loss, fit, fit_start, init_state, make_train_step, seed_keys, squared_error,
+                          weight_elements)
 
 LIVE_SEED = 3  # its init has W_ih > 0; seed 0's has W_ih <= 0 (a dead ReLU)
 ADAM = optax.adam(0.1)  # one object, so that fits share their compiled step
@@ -212,3 +214,33 @@ def test_fit_start_is_the_template_of_every_later_state():
     assert jax.tree.structure(start.state) == jax.tree.structure(later.state)
     assert {k: v.dtype for k, v in start.history.items()} == {k: v.dtype for k, v in later.history.items()}
     chex.assert_trees_all_equal(start.initial_params, later.initial_params)
+
+
+def test_fit_watches_the_weights_a_reparametrised_network_computes_with():
+    network = Reparametrized(L1Norm(), square_input_weights)
+    watch = lambda params: weight_elements(network.transform(params))  # noqa: E731
+    draw = lambda key: l1_batch(key, 8, 10)  # noqa: E731
+    result = fit(network, ADAM, draw, seed=0, max_steps=3000, target_weight=1.0, weight_tol=1e-3,
+                 watch=watch, progress=False)
+    v = float(result.initial_params["params"]["cell"]["W_ih"][0, 0])
+    assert v < 0 and result.history["cell/W_ih"][0] >= 0  # seed 0 draws v < 0: W_ih = v*v is not dead
+    assert result.stop_reason == "weights"
+    assert all(abs(w - 1) < 1e-3 for w in watch(result.state.params).values())
+    # a tolerance per watched weight: W_hh held to 1e-3, W_ih let off entirely
+    loose = fit(network, optax.adam(0.1), draw, seed=0, max_steps=3000, target_weight=1.0,
+                weight_tol={"cell/W_ih": 10.0, "cell/W_hh": 1e-3}, watch=watch, progress=False)
+    assert loose.stop_reason == "weights" and loose.steps <= result.steps
+    assert abs(loose.history["cell/W_hh"][-1] - 1) < 1e-3
+    with pytest.raises(ValueError, match=r"weight_tol must name every watched weight, \['cell/W_hh', 'cell/W_ih'\]; "
+                                         r"received \['cell/W_ih'\]"):
+        fit(network, optax.adam(0.1), draw, seed=0, max_steps=5, target_weight=1.0, weight_tol={"cell/W_ih": 1.0},
+            watch=watch, progress=False)
+
+
+def test_fit_keeps_the_seeds_first_batch_when_batches_are_not_fresh():
+    draw = lambda key: count_batch(key, 8, 5)  # noqa: E731
+    kept = fit(RunningCount(), optax.adam(0.1), draw, seed=3, max_steps=30, fresh_batches=False, progress=False)
+    first = draw(jax.random.fold_in(seed_keys(3)[1], 0))
+    given = fit(RunningCount(), optax.adam(0.1), first, seed=3, max_steps=30, progress=False)
+    chex.assert_trees_all_equal(kept.state, given.state)
+    chex.assert_trees_all_equal(kept.history, given.history)
