@@ -16,9 +16,8 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -27,55 +26,20 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import machine  # noqa: E402
 
-from rnnjax.data import count_batch, l1_batch  # noqa: E402
-from rnnjax.models import L1Norm, L1NormLearned, RunningCount  # noqa: E402
-from rnnjax.recipes import RECIPES, Recipe, sweep_recipe  # noqa: E402
+from rnnjax.recipes import RECIPES, Recipe  # noqa: E402
 from rnnjax.runs import write_atomically  # noqa: E402
-from rnnjax.sweep import SweepResult, loss_landscape, summarize, weight_elements  # noqa: E402
+from rnnjax.sweep import SweepResult, summarize  # noqa: E402
 from rnnjax.sweep_plot import plot_sweep  # noqa: E402
-from rnnjax.train import fit  # noqa: E402
+from rnnjax.sweep_runs import landscape  # noqa: E402
+from rnnjax.tasks import TASKS, sweep_task, task_settings, train_task  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "sweeps"
-
-
-class SweepTask(NamedTuple):
-    model: Any
-    batch: Callable[[jax.Array, int], Any]  # (key, batch_size) -> Batch
-    watch: Callable[[Any], dict]  # network weights -> the numbers that must reach 1
-    landscape_model: Any  # a scalar-cell network computing the same function for the plot
-    plane: tuple[str, str]  # trajectories drawn on the landscape
-
-
-TASKS = {
-    "l1": SweepTask(L1Norm(), lambda key, n: l1_batch(key, n, 10), weight_elements, L1Norm(),
-                    ("cell/W_ih", "cell/W_hh")),
-    "count": SweepTask(RunningCount(), lambda key, n: count_batch(key, n, 5), weight_elements,
-                       RunningCount(), ("cell/W_ih", "cell/W_hh")),
-    # with slope_pos = slope_neg = s it computes what L1Norm does with W_ih = s
-    "l1-learned": SweepTask(L1NormLearned(), lambda key, n: l1_batch(key, n, 10),
-                            L1NormLearned.function_weights, L1Norm(), ("mean slope", "cell/W_hh")),
-}
 
 
 def _square_recurrent_too(params):
     """W_ih = v*v and W_hh = u*u: both weights non-negative."""
     return jax.tree_util.tree_map_with_path(
         lambda path, w: w * w if getattr(path[-2], "key", None) == "cell" else w, params)
-
-
-# Recipes measured on the way to "squared" (benchmarks/SWEEPS.md); not offered by the library.
-VARIANTS = {
-    "fresh-b2": RECIPES["notebook"]._replace(  # main's train default before issue 8
-        name="fresh-b2", summary="Adam lr 0.1, b2 0.9999, a fresh batch each step",
-        b2=0.9999, fresh_batches=True),
-    "squared-constant-lr": RECIPES["squared"]._replace(
-        name="squared-constant-lr", summary="squared without the cosine decay", decay=False),
-    "squared-fixed-batch": RECIPES["squared"]._replace(
-        name="squared-fixed-batch", summary="squared on one fixed batch per run",
-        fresh_batches=False),
-    "squared-both": RECIPES["squared"]._replace(
-        name="squared-both", summary="squared, and W_hh = u*u too", transform=_square_recurrent_too),
-}
 
 
 class WithGradientNoise(NamedTuple):
@@ -97,22 +61,24 @@ class WithGradientNoise(NamedTuple):
     def summary(self):
         return f"{self.base.summary}; gradient noise eta {self.eta:g}, gamma {self.gamma:g}"
 
-    def optimizer(self, steps=None, lr=None):
-        return optax.chain(optax.add_noise(self.eta, self.gamma, 0), self.base.optimizer(steps, lr))
+    def optimizer(self, lr=None):
+        return optax.chain(optax.add_noise(self.eta, self.gamma, 0), self.base.optimizer(lr))
 
 
-VARIANTS["squared-noise"] = WithGradientNoise(RECIPES["squared"], eta=0.1, gamma=0.55)
+# Recipes measured on the way to "squared" (benchmarks/SWEEPS.md); not offered by the library.
+VARIANTS = {
+    "fresh-b2": RECIPES["notebook"]._replace(  # main's train default before issue 8
+        name="fresh-b2", summary="Adam lr 0.1, b2 0.9999, a fresh batch each step",
+        b2=0.9999, fresh_batches=True),
+    "squared-constant-lr": RECIPES["squared"]._replace(
+        name="squared-constant-lr", summary="squared without the cosine decay", decay_steps=None),
+    "squared-fixed-batch": RECIPES["squared"]._replace(
+        name="squared-fixed-batch", summary="squared on one fixed batch per run", fresh_batches=False),
+    "squared-both": RECIPES["squared"]._replace(
+        name="squared-both", summary="squared, and W_hh = u*u too", transform=_square_recurrent_too),
+    "squared-noise": WithGradientNoise(RECIPES["squared"], eta=0.1, gamma=0.55),
+}
 ALL_RECIPES = {**RECIPES, **VARIANTS}
-
-
-def run_sweep(task: str, recipe: Recipe, seeds: int, tol: float, **kwargs) -> SweepResult:
-    spec = TASKS[task]
-    result = sweep_recipe(recipe, spec.model, spec.batch, seeds=seeds, watch=spec.watch, tol=tol,
-                          **kwargs)
-    if task == "l1-learned":
-        slopes = [result.trajectories[k] for k in ("slope_pos", "slope_neg")]
-        result.trajectories["mean slope"] = (slopes[0] + slopes[1]) / 2
-    return result
 
 
 def describe(task: str, result: SweepResult) -> dict:
@@ -135,15 +101,12 @@ def describe(task: str, result: SweepResult) -> dict:
     return summary
 
 
-def plot(task: str, recipe: str, result: SweepResult, out: Path) -> Path:
-    spec = TASKS[task]
-    x, y = np.linspace(-1.5, 3.0, 91), np.linspace(-1.5, 2.0, 71)
-    loss = loss_landscape(spec.landscape_model, spec.batch(jax.random.key(0), 1024), x, y)
+def plot(task: str, recipe: str, settings: dict, result: SweepResult, out: Path) -> Path:
+    grid, plane, drawn = landscape(task, settings, result)
     path = out / f"{task}-{recipe}.png"
     title = (f"{task}, recipe {recipe}: {len(result.seeds)} seeds, {result.steps} steps "
              f"(landscape: loss on 1,024 sequences)")
-    write_atomically(path, lambda f: plot_sweep(result, f, landscape=(x, y, loss),
-                                                plane=spec.plane, title=title))
+    write_atomically(path, lambda f: plot_sweep(drawn, f, landscape=grid, plane=plane, title=title))
     return path
 
 
@@ -152,12 +115,12 @@ def rates(args) -> None:
     for task in args.tasks:
         for name in args.recipes:
             for tol in args.tols:
-                result = run_sweep(task, ALL_RECIPES[name], args.seeds, tol, steps=args.steps,
-                                   progress=not args.quiet)
+                settings, result = sweep_task(task, seeds=args.seeds, recipe=ALL_RECIPES[name], steps=args.steps,
+                                              tol=tol, progress=not args.quiet)
                 row = {"task": task, "recipe": name, "summary_of_recipe": ALL_RECIPES[name].summary,
                        "tol": tol, **describe(task, result)}
                 if tol == args.tols[0] and not args.no_plots:
-                    row["plot"] = plot(task, name, result, args.out).name
+                    row["plot"] = plot(task, name, settings, result, args.out).name
                 rows.append(row)
                 print(f"{task:10s} {name:20s} tol {tol:g}: converged {row['fractions']['converged']:.1%}, "
                       f"within tol at the end {row['within_tol_at_end']:.1%}, "
@@ -184,32 +147,25 @@ def rates_markdown(rows: list[dict], info: dict) -> str:
 
 
 def speed(args) -> None:
-    recipe, spec = RECIPES[args.recipe], TASKS[args.task]
-    steps = args.steps or recipe.steps
     began = time.perf_counter()
-    result = run_sweep(args.task, recipe, args.seeds, 1e-3, steps=steps, data_seed=args.data_seed,
-                       progress=not args.quiet)
+    settings, result = sweep_task(args.task, seeds=args.seeds, recipe=args.recipe, steps=args.steps,
+                                  data_seed=args.data_seed, progress=not args.quiet)
     sweep_wall = time.perf_counter() - began
 
-    network, optimizer = recipe.network(spec.model), recipe.optimizer(steps)
-    # fit draws the batches of its own seed (the sweep's with --data-seed none): the same work
-    if recipe.fresh_batches:  # one function for every call, so that fit can reuse its compilation
-        draw = lambda key: spec.batch(key, recipe.batch_size)  # noqa: E731
-        data_for = lambda seed: draw  # noqa: E731
-    else:  # the batch the sweep's seed trains on throughout
-        data_for = lambda seed: spec.batch(  # noqa: E731
-            jax.random.fold_in(jax.random.split(jax.random.key(seed))[1], 0), recipe.batch_size)
+    # fit trains every seed for the whole budget too (tol 0: no weights rule stops it), each on
+    # the batches of its own seed: the sweep's work, one seed at a time
+    fitted = task_settings(args.task, recipe=args.recipe, steps=settings["steps"], tol=0.0)
     calls = []
     for seed in range(args.fit_seeds):
         began = time.perf_counter()
-        fitted = fit(network, optimizer, data_for(seed), seed=seed, max_steps=steps, progress=False)
-        jax.block_until_ready(fitted.state)
-        calls.append({"seed": seed, "seconds": time.perf_counter() - began, "steps": fitted.steps,
-                      "stop_reason": fitted.stop_reason})
-    full = [c["seconds"] for c in calls if c["steps"] == steps]
+        result_of_fit = train_task(args.task, seed=seed, settings=fitted)
+        jax.block_until_ready(result_of_fit.state)
+        calls.append({"seed": seed, "seconds": time.perf_counter() - began, "steps": result_of_fit.steps,
+                      "stop_reason": result_of_fit.stop_reason})
+    full = [c["seconds"] for c in calls if c["steps"] == settings["steps"]]
     report = {
         "machine": machine(), "command": " ".join(sys.argv), "task": args.task, "recipe": args.recipe,
-        "steps": steps, "devices": result.devices, "data_seed": args.data_seed,
+        "steps": settings["steps"], "devices": result.devices, "data_seed": args.data_seed,
         "sweep": {"seeds": args.seeds, "wall_seconds": sweep_wall, "train_seconds": result.seconds,
                   "compile_seconds": result.compile_seconds,
                   "seconds_per_seed": sweep_wall / args.seeds},

@@ -1,14 +1,16 @@
-"""The ``rnnjax`` command: ``demo``, ``train`` and ``eval``. Logic lives in ``rnnjax.tasks``,
-``rnnjax.inputs`` and ``rnnjax.runs``.
+"""The ``rnnjax`` command: ``demo``, ``train``, ``eval`` and ``sweep``. Logic lives in
+``rnnjax.tasks``, ``rnnjax.inputs``, ``rnnjax.runs`` and ``rnnjax.sweep_runs``.
 
 Exit status: 0 done; 1 a run that did not converge (dead, diverged or out of budget: its files
-are saved and say so); 2 bad input (one line on stderr); 130 interrupted (Ctrl-C).
+are saved and say so), or a sweep in which no seed converged; 2 bad input (one line on stderr);
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import re
 import signal
@@ -20,8 +22,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rnnjax import inputs, runs, tasks
+from rnnjax import inputs, runs, sweep_runs, tasks
+from rnnjax.recipes import RECIPES
 from rnnjax.recurrence import METHODS
+from rnnjax.sweep import summarize as sweep_summary
 from rnnjax.train import CONVERGED, STOP_REASONS
 
 __all__ = ["main", "script"]
@@ -73,14 +77,19 @@ def _one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
 
 
-def _weights(params) -> str:
-    w = params["params"]["cell"]
-    return f"W_ih = {float(w['W_ih'][0, 0]):.9g}, W_hh = {float(w['W_hh'][0, 0]):.9g}"
+def _weights(task: str, settings: dict, params) -> str:
+    """The numbers the task watches, of the weights the network computes with: "W_ih = 1, W_hh = 1"."""
+    numbers = tasks.watched(task, tasks.network_params(settings, params))
+    ordered = sorted(numbers.items(), key=lambda item: item[0].endswith("W_hh"))  # W_hh last
+    return ", ".join(f"{name.rsplit('/', 1)[-1]} = {value:.9g}" for name, value in ordered)
 
 
-def _print_dead(seed: int, result) -> None:
-    print(f"  seed {seed}: init {_weights(result.initial_params)}: a dead ReLU (inputs are >= 0, "
-          f"so W_ih <= 0 keeps every gradient 0); trying seed {seed + 1}")
+def _print_dead(task: str, seed: int, result, settings: dict) -> None:
+    """One line on why the init of ``seed`` cannot be trained."""
+    spec = tasks.TASKS[task]
+    seen_at_init = result.steps == 0 or spec.dead_at_init is None
+    reason = spec.dead_reason if seen_at_init else "a dead ReLU: every gradient is 0"
+    print(f"  seed {seed}: init {_weights(task, settings, result.initial_params)}: {reason}; trying seed {seed + 1}")
 
 
 def _describe(result) -> str:
@@ -122,36 +131,36 @@ def _count_table(params, key) -> None:
     print(f"  largest error: {np.abs(predicted - exact).max():.2e}")
 
 
-def _demo_run(task: str, first_seed: int):
-    """Trains ``task`` as ``train`` does and prints how; returns ``(seed, result)``."""
-    seed, result = tasks.train_until_live(task, first_seed=first_seed, on_dead=_print_dead)
-    print(f"  seed {seed}: init {_weights(result.initial_params)}")
-    print(f"  trained {_describe(result)}: {_weights(result.state.params)}")
+def _demo_run(task: str, first_seed: int, recipe: str):
+    """Trains ``task`` as ``train`` does and prints how; returns ``(seed, network weights, result)``."""
+    settings = tasks.task_settings(task, recipe=recipe)
+    seed, result = tasks.train_until_live(task, first_seed=first_seed, settings=settings,
+                                          on_dead=lambda seed, result: _print_dead(task, seed, result, settings))
+    print(f"  seed {seed}: init {_weights(task, settings, result.initial_params)}")
+    print(f"  trained {_describe(result)}: {_weights(task, settings, result.state.params)}")
     if result.stop_reason not in CONVERGED:
         print(f"rnnjax: error: the {task} network did not converge from seed {seed}", file=sys.stderr)
-    return seed, result
+    return seed, tasks.network_params(settings, result.state.params), result
 
 
 def demo(args) -> int:
     start = time.perf_counter()
-    print("L1 norm of variable-length sequences (seed 000): Adam lr 0.1, a fresh batch of 8 "
-          "each step, lengths 1..10")
-    seed, result = _demo_run("l1", args.seed)
+    print(f"Recipe {args.recipe}: {RECIPES[args.recipe].summary}")
+    print("L1 norm of variable-length sequences (seed 000), lengths 1..10")
+    seed, params, result = _demo_run("l1", args.seed, args.recipe)
     if result.stop_reason not in CONVERGED:
         return 1
-    params = result.state.params
     checks = [("[3, -5, 7, -2]", np.array([3.0, -5.0, 7.0, -2.0]))]
     checks.append(("10,000 N(0,1) steps", np.random.default_rng(seed).standard_normal(10_000)))
     for name, sequence in checks:
         predicted, exact, error = tasks.l1_check(params, sequence)
         print(f"  {name}: predicted {predicted:.9g}, exact {exact:.9g}, relative error {error:.1e}")
 
-    print("Running counts of binary sequences (seed 003): Adam lr 0.1, a fresh batch of 8 "
-          "sequences of length 5 each step")
-    seed, result = _demo_run("count", args.seed)
+    print("Running counts of binary sequences (seed 003), 8 sequences of length 5 a batch")
+    seed, params, result = _demo_run("count", args.seed, args.recipe)
     if result.stop_reason not in CONVERGED:
         return 1
-    _count_table(result.state.params, jax.random.key(seed + 10_000))
+    _count_table(params, jax.random.key(seed + 10_000))
     print(f"demo took {time.perf_counter() - start:.1f} s on {jax.default_backend()}")
     return 0
 
@@ -159,7 +168,7 @@ def demo(args) -> int:
 def train(args) -> int:
     if not args.out and (args.resume or args.overwrite or args.checkpoint_every):
         raise ValueError("--resume, --overwrite and --checkpoint-every need --out")
-    given = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+    given = {"recipe": args.recipe, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
              "length": args.max_length, "tol": args.tol, "skip_nonfinite": args.skip_nonfinite}
     created = False
     try:
@@ -167,7 +176,8 @@ def train(args) -> int:
             created = args.out and runs.prepare_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
             run = runs.train_run(args.task, first_seed=args.seed, given=given, out=args.out,
                                  resume=args.resume, checkpoint_every=args.checkpoint_every,
-                                 interrupt=interrupted, progress=True, on_dead=_print_dead)
+                                 interrupt=interrupted, progress=True, devices=args.devices,
+                                 on_dead=functools.partial(_print_dead, args.task))
             pressed = interrupted()
     finally:
         if created and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
@@ -175,9 +185,11 @@ def train(args) -> int:
     result = run.result
     if run.resumed_at and args.resume:
         print(f"resumed from step {run.resumed_at[-1]}")
-    print(f"{args.task}: seed {run.seed}, init {_weights(result.initial_params)}")
+    print(f"{args.task}: seed {run.seed}, recipe {run.settings['recipe']}, init "
+          f"{_weights(args.task, run.settings, result.initial_params)}")
     loss = f"{result.history['loss'][-1]:.3g}" if result.steps else "n/a"
-    print(f"trained {_describe(result)}: {_weights(result.state.params)}, final loss {loss}")
+    print(f"trained {_describe(result)}: {_weights(args.task, run.settings, result.state.params)}, "
+          f"final loss {loss}")
     if run.paths:
         print("wrote " + ", ".join(str(p) for p in run.paths))
     where = f"saved in {args.out}" if args.out else "nothing saved (no --out)"
@@ -190,7 +202,7 @@ def train(args) -> int:
             print(f"rnnjax: interrupted at step {result.steps} ({where}){resume}", file=sys.stderr)
         return 130
     failure = {
-        "dead": f"{len(run.dead_seeds) + 1} seeds in a row from {run.first_seed} gave a dead ReLU; "
+        "dead": f"{len(run.dead_seeds) + 1} seeds in a row from {run.first_seed} gave a dead init; "
                 "try another --seed",
         "diverged": f"the run diverged at step {result.steps + 1} (a non-finite loss, gradient or weight); "
                     f"its last finite state, after step {result.steps}, is {where}; try a lower --lr "
@@ -214,12 +226,12 @@ def evaluate(args) -> int:
             raise ValueError(f"--input {e}") from None
     else:
         rng = np.random.default_rng(args.seed)
-        sequence = rng.standard_normal(args.length) if args.task == "l1" else rng.integers(0, 2, args.length)
+        sequence = rng.integers(0, 2, args.length) if args.task == "count" else rng.standard_normal(args.length)
     if not loaded.converged:
         print(f"rnnjax: warning: --params {args.params}: not a converged run ({loaded.status}); "
               "do not trust its outputs", file=sys.stderr)
-    if args.task == "l1":
-        predicted, exact, error = tasks.l1_check(loaded.params, sequence, args.method)
+    if args.task != "count":
+        predicted, exact, error = tasks.l1_check(loaded.params, sequence, args.method, task=args.task)
         print(f"length {sequence.size}: predicted {predicted:.9g}, exact {exact:.9g} (float64), "
               f"relative error {error:.2e}")
         return 0
@@ -229,26 +241,39 @@ def evaluate(args) -> int:
     return 0
 
 
+def _add_recipe(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=default,
+                   help=f"how to train (default {tasks.DEFAULT_RECIPE}: W_ih = v*v, Adam b2 0.9999 with a "
+                        "cosine decay, fresh batches; notebook: seed 000's recipe)")
+
+
+def _add_devices(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--devices", type=_positive_int, metavar="N",
+                   help=f"spread {what} over the first N of JAX's devices (default: all of them)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rnnjax", description="Bias-free ReLU RNNs in JAX: the two seed tasks.")
+    parser = _Parser(prog="rnnjax", description="Bias-free ReLU RNNs in JAX: the seed tasks.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("demo", help="train both seed networks and check them (under a minute)")
     p.add_argument("--seed", type=_seed, default=0, help="first seed to try (default 0)")
+    _add_recipe(p, tasks.DEFAULT_RECIPE)
     p.set_defaults(run=demo)
 
     p = commands.add_parser("train", help="train one network; save checkpoints, metrics and a plot")
     p.add_argument("task", choices=sorted(tasks.TASKS))
-    p.add_argument("--steps", type=_positive_int, help="step budget (default 5000)")
-    p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 0.1; b2 is 0.9999)")
+    _add_recipe(p)
+    p.add_argument("--steps", type=_positive_int, help="step budget (default: the recipe's, 3000)")
+    p.add_argument("--lr", type=_positive_float, help="Adam's (peak) learning rate (default: the recipe's, 0.1)")
     p.add_argument("--batch-size", type=_positive_int, help="sequences in the batch (default 8)")
     p.add_argument("--max-length", type=_positive_int,
                    help="longest sequence (l1, default 10) or every sequence's length (count, default 5)")
     p.add_argument("--seed", type=_seed,
                    help="first seed to try (default 0); a dead init draws again from the next seed")
     p.add_argument("--tol", type=_positive_float,
-                   help="stop once both weights are within TOL of 1 (default 1e-9: exactly 1.0 "
-                        "in float32, which long sequences need)")
+                   help="stop once W_ih and W_hh (l1-learned: its two slopes and W_hh) are within TOL "
+                        "of 1 (default 1e-9: exactly 1.0 in float32, which long sequences need)")
     p.add_argument("--skip-nonfinite", type=_count, metavar="N",
                    help="skip up to N non-finite updates in a row (optax.apply_if_finite) instead of "
                         "stopping as diverged at the first (default 0)")
@@ -258,6 +283,7 @@ def _parser() -> argparse.ArgumentParser:
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     again.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    _add_devices(p, "each batch")
     p.set_defaults(run=train)
 
     p = commands.add_parser("eval", help="run a trained network on a sequence")
@@ -271,7 +297,56 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="'parallel' sums in tree order: use it from ~1e5 steps on")
     p.set_defaults(run=evaluate)
+
+    p = commands.add_parser("sweep", help="train many seeds at once: how often does training work?")
+    p.add_argument("task", choices=sorted(tasks.TASKS))
+    p.add_argument("--seeds", type=_positive_int, default=1000, help="how many seeds (default 1000)")
+    p.add_argument("--first-seed", type=_seed, default=0, help="the first seed (default 0)")
+    _add_recipe(p)
+    p.add_argument("--steps", type=_positive_int, help="steps for every seed (default: the recipe's, 3000)")
+    p.add_argument("--lr", type=_positive_float, help="Adam's (peak) learning rate (default: the recipe's, 0.1)")
+    p.add_argument("--tol", type=_positive_float, default=1e-3,
+                   help="a seed converged once W_ih and W_hh (l1-learned: its slopes and W_hh) are "
+                        "within TOL of 1 (default 1e-3)")
+    p.add_argument("--data-seed", type=_seed,
+                   help="every seed trains on this seed's batches (default: each on its own)")
+    _add_devices(p, "the seeds")
+    p.add_argument("--out", type=_path, help=f"folder for {sweep_runs.SUMMARY} and {sweep_runs.PICTURE}")
+    p.add_argument("--overwrite", action="store_true", help="replace the sweep in --out")
+    p.set_defaults(run=sweep)
     return parser
+
+
+def sweep(args) -> int:
+    created = args.out and sweep_runs.prepare_sweep_folder(args.out, overwrite=args.overwrite)
+    try:
+        settings, result = tasks.sweep_task(
+            args.task, seeds=args.seeds, recipe=args.recipe, steps=args.steps, lr=args.lr, tol=args.tol,
+            first_seed=args.first_seed, data_seed=args.data_seed, devices=args.devices, progress=True)
+    except BaseException:
+        if created:  # never leave an empty folder behind
+            Path(args.out).rmdir()
+        raise
+    summary = sweep_summary(result)
+    counts, fractions = summary["counts"], summary["fractions"]
+    steps = summary["steps_to_converge"]
+    print(f"{args.task}, recipe {settings['recipe']}: {args.seeds} seeds x {settings['steps']} steps on "
+          f"{result.devices} {jax.default_backend()} device(s): {result.seconds:.1f} s "
+          f"(+{result.compile_seconds:.1f} s compiling), {summary['seeds_per_second']:,.0f} seeds/s")
+    print(f"  converged {counts['converged']} ({fractions['converged']:.1%}): every watched number within "
+          f"{args.tol:g} of 1" + (f"; steps to converge: median {steps['median']:.0f}, p90 {steps['p90']:.0f}, "
+                                  f"max {steps['max']:.0f}" if counts["converged"] else ""))
+    print(f"  dead {counts['dead']} ({fractions['dead']:.1%}), diverged {counts['diverged']} "
+          f"({fractions['diverged']:.1%}), stuck {counts['stuck']} ({fractions['stuck']:.1%}); "
+          f"within {args.tol:g} after the last step: {summary['within_tol_at_end']:.1%}")
+    if args.out:
+        paths = sweep_runs.save_sweep(args.out, args.task, settings, result)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    if not counts["converged"]:
+        print(f"rnnjax: error: no seed of {args.seeds} converged ({counts['dead']} dead, {counts['diverged']} "
+              f"diverged, {counts['stuck']} stuck)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _quiet_libraries() -> None:

@@ -26,7 +26,8 @@ from rnnjax.cell import ReLUCell
 from rnnjax.checkpoints import (checkpoint_info, checkpoint_steps, delete_checkpoints, restore_checkpoint,
                                 save_checkpoint)
 from rnnjax.recurrence import resolve_method
-from rnnjax.tasks import DEAD_SEED_TRIES, TASKS, task_settings, task_start, train_until_live
+from rnnjax.tasks import DEAD_SEED_TRIES, TASKS, network_params, task_settings, task_start, train_until_live, watched
+from rnnjax.tasks import converged as task_converged
 from rnnjax.train import CONVERGED, STOP_REASONS, FitResult, weights_by_path
 
 __all__ = ["CHECKPOINTS", "METRICS", "PLOT", "CHECKPOINT_EVERY", "Run", "LoadedRun", "write_atomically",
@@ -48,9 +49,11 @@ class Run(NamedTuple):
       first_seed: the seed asked for.
       seed: the seed of ``result``; seeds before it (``dead_seeds``) drew a dead ReLU.
       dead_seeds: the seeds abandoned as dead, in order.
-      result: the ``FitResult`` of ``seed``.
+      result: the ``FitResult`` of ``seed``; its parameters are the trained ones
+        (``rnnjax.tasks.network_params`` gives the network's weights).
       resumed_at: the steps at which this run was resumed, oldest first.
       paths: the files and checkpoint written at the end ([] without a folder).
+      devices: how many devices each batch was spread over.
     """
 
     task: str
@@ -61,15 +64,17 @@ class Run(NamedTuple):
     result: FitResult
     resumed_at: list[int]
     paths: list[Path]
+    devices: int = 1
 
 
 class LoadedRun(NamedTuple):
     """A checkpoint read back by ``load_run``.
 
     Attributes:
-      params: the network's variables.
+      params: the network's variables (the weights it computes with, whatever its recipe trained).
       step: the checkpoint's step.
-      converged: True when both weights are within the run's ``tol`` of 1.
+      converged: True when every number the task watches is within its tolerance of 1
+        (``rnnjax.tasks.converged``).
       status: for a run that did not converge, why: its stop reason, or that it never ended.
     """
 
@@ -212,7 +217,8 @@ def train_run(
     keep: int | None = 5,
     interrupt: Callable[[], bool] | None = None,
     progress: bool = False,
-    on_dead: Callable[[int, FitResult], None] | None = None,
+    on_dead: Callable[[int, FitResult, dict], None] | None = None,
+    devices: int | None = None,
 ) -> Run:
     """Trains ``task`` from ``first_seed`` (a dead init draws again from the next seed), saving
     checkpoints in ``out`` every ``checkpoint_every`` steps and, at the end, the final checkpoint,
@@ -230,7 +236,8 @@ def train_run(
       keep: how many checkpoints to keep (None: all).
       interrupt: see ``fit``.
       progress: show a progress bar.
-      on_dead: called with ``(seed, result)`` for each dead seed.
+      on_dead: called with ``(seed, result, settings)`` for each dead seed.
+      devices: spread each batch over this many devices (None: all; see ``fit``).
 
     Returns:
       A ``Run``.
@@ -238,13 +245,13 @@ def train_run(
     Example:
       >>> import tempfile, pathlib
       >>> out = pathlib.Path(tempfile.mkdtemp()) / "run"
-      >>> run = train_run("count", given={"steps": 40}, out=out, checkpoint_every=20)
+      >>> run = train_run("count", given={"recipe": "notebook", "steps": 40}, out=out, checkpoint_every=20)
       >>> run.dead_seeds, run.seed, run.result.stop_reason  # seeds 0-2 draw a dead ReLU
       ([0, 1, 2], 3, 'budget')
       >>> sorted(p.name for p in out.iterdir()), [p.name for p in sorted((out / "checkpoints").iterdir())]
       (['checkpoints', 'metrics.json', 'training.png'], ['20', '40'])
       >>> train_run("count", given={"steps": 300}, out=out, resume=True).result[2:4]
-      (239, 'weights')
+      (261, 'weights')
       >>> load_run(out, "count").converged
       True
     """
@@ -273,14 +280,15 @@ def train_run(
         if folder is not None:  # a dead seed's checkpoints lead nowhere
             delete_checkpoints(folder)
         if on_dead is not None:
-            on_dead(seed, result)
+            on_dead(seed, result, settings)
 
     seed, result = train_until_live(
         task, first_seed=seed, settings=_training_settings(settings),
         tries=DEAD_SEED_TRIES - len(dead_seeds), start=start, on_dead=dead, progress=progress,
         checkpoint_every=settings["checkpoint_every"], on_checkpoint=None if folder is None else save,
-        interrupt=interrupt)
-    run = Run(task, settings, first_seed, seed, dead_seeds, result, resumed_at, [])
+        interrupt=interrupt, devices=devices)
+    run = Run(task, settings, first_seed, seed, dead_seeds, result, resumed_at, [],
+              len(jax.devices()) if devices is None else devices)
     if out is None:
         return run
     paths = [save(seed, result)]
@@ -289,7 +297,8 @@ def train_run(
 
         metrics = json.dumps(_run_metrics(run), indent=1, allow_nan=False)
         write_atomically(out / METRICS, lambda f: f.write(metrics), mode="w")
-        write_atomically(out / PLOT, lambda f: plot_training(result.history, f, title=task))
+        title = f"{task}, recipe {settings['recipe']}"
+        write_atomically(out / PLOT, lambda f: plot_training(result.history, f, title=title))
         paths += [out / METRICS, out / PLOT]
     return run._replace(paths=paths)
 
@@ -303,6 +312,8 @@ def _run_metrics(run: Run) -> dict:
     """Returns ``metrics.json``'s contents: every setting used, the outcome, and the history."""
     result = run.result
     loss = result.history["loss"]
+    final, initial = (network_params(run.settings, jax.device_get(p)) for p in (result.state.params,
+                                                                              result.initial_params))
     metrics = {
         "task": run.task,
         "converged": result.stop_reason in CONVERGED,
@@ -314,11 +325,13 @@ def _run_metrics(run: Run) -> dict:
         "settings": run.settings,
         "method": resolve_method(ReLUCell(1), "auto", time=run.settings["length"]),
         "versions": {"rnnjax": rnnjax.__version__, "jax": jax.__version__, "backend": jax.default_backend()},
+        "devices": run.devices,
         "resumed_at": run.resumed_at,
         "final_loss": _finite_or_none(loss[-1:])[0] if len(loss) else None,
         "skipped_steps": int(result.history["skipped"].sum()),
-        "weights": {k: np.asarray(v).tolist() for k, v in weights_by_path(jax.device_get(result.state.params)).items()},
-        "initial_weights": {k: np.asarray(v).tolist() for k, v in weights_by_path(result.initial_params).items()},
+        "weights": {k: np.asarray(v).tolist() for k, v in weights_by_path(final).items()},
+        "initial_weights": {k: np.asarray(v).tolist() for k, v in weights_by_path(initial).items()},
+        "watched": watched(run.task, final),
         "history": {k: _finite_or_none(v) if v.dtype.kind in "fb" else v.tolist() for k, v in result.history.items()},
     }
     if result.stop_reason == "diverged":
@@ -370,9 +383,8 @@ def load_run(path: str | os.PathLike, task: str) -> LoadedRun:
         raise ValueError(f"--params {path}: that run trained the {info['run']['task']!r} network, not {task!r}")
     settings = info["run"]["settings"]
     template = task_start(task, _training_settings(settings), seed=info["seed"])
-    params = restore_checkpoint(folder, step, template).state.params
-    errors = [float(np.max(np.abs(np.asarray(w) - 1.0))) for w in weights_by_path(params).values()]
-    converged = max(errors) < settings["tol"]
+    params = network_params(settings, restore_checkpoint(folder, step, template).state.params)
+    converged = task_converged(task, settings, params)
     metrics = _read_metrics(folder.parent)
     if metrics is None:
         status = f"interrupted or killed at step {step}, before it ended"
