@@ -116,7 +116,7 @@ def rates(args) -> None:
         for name in args.recipes:
             for tol in args.tols:
                 settings, result = sweep_task(task, seeds=args.seeds, recipe=ALL_RECIPES[name], steps=args.steps,
-                                              tol=tol, progress=not args.quiet)
+                                              tol=tol, data_seed=args.data_seed, progress=not args.quiet)
                 row = {"task": task, "recipe": name, "summary_of_recipe": ALL_RECIPES[name].summary,
                        "tol": tol, **describe(task, result)}
                 if tol == args.tols[0] and not args.no_plots:
@@ -216,6 +216,7 @@ def main(argv=None) -> None:
     p.add_argument("--tols", nargs="+", type=float, default=[1e-3, 1e-9],
                    help="convergence tolerances; 1e-9 asks for exactly 1.0 in float32")
     p.add_argument("--steps", type=int, help="steps per seed (default: each recipe's)")
+    p.add_argument("--data-seed", type=int, help="every seed trains on this seed's batches")
     p.add_argument("--no-plots", action="store_true", help="write no PNGs")
     p.set_defaults(run=rates)
     p = commands.add_parser("speed", help="a sweep against fit once per seed")
