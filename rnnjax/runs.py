@@ -31,7 +31,7 @@ from rnnjax.tasks import converged as task_converged
 from rnnjax.train import CONVERGED, STOP_REASONS, FitResult, weights_by_path
 
 __all__ = ["CHECKPOINTS", "METRICS", "PLOT", "CHECKPOINT_EVERY", "Run", "LoadedRun", "write_atomically",
-           "prepare_run_folder", "train_run", "load_run"]
+           "prepare_run_folder", "writable_folder", "train_run", "load_run"]
 
 CHECKPOINTS, METRICS, PLOT = "checkpoints", "metrics.json", "training.png"
 CHECKPOINT_EVERY = 1000  # steps; a save takes 50-300 ms on a 2-core CPU, 1000 steps about 0.4 s
@@ -137,6 +137,12 @@ def prepare_run_folder(out: str | os.PathLike, *, resume: bool = False, overwrit
             shutil.rmtree(entry)
         else:
             entry.unlink()
+    return writable_folder(out)
+
+
+def writable_folder(out: Path) -> bool:
+    """Makes the ``--out`` folder if it is missing and checks that a file can be written there;
+    returns True when it was made here (it is then empty)."""
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 Every seed's run is ``fit``'s run for that seed (same init key, same batches), vmapped over the
 seeds and scanned over the steps; the seeds are spread over every visible device by a
-``jax.sharding.Mesh``, so one device and eight run the same code. The host sees the seeds only
-between chunks of steps, to advance a progress bar.
+``jax.sharding.Mesh``, so one device and eight run the same code, and so do several hosts after
+``jax.distributed.initialize()``. The host sees the seeds only between chunks of steps, to
+advance a progress bar.
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def sweep(
 ) -> SweepResult:
     """Trains one model per seed, all at once, for ``steps`` steps each.
 
-    Seed ``s`` draws its init and its batches exactly as ``fit(seed=s)`` does, so each row of
-    the result is that ``fit`` run, trained on to the end rather than stopped. The seeds are split evenly over
+    Seed ``s`` draws its init and its batches as ``fit(seed=s)`` does (the batches to float32
+    rounding: XLA may fuse their drawing into the step differently), so each row of the result
+    is that ``fit`` run, trained on to the end rather than stopped. The seeds are split evenly over
     ``devices`` devices (padded with extra seeds whose results are dropped).
 
     Args:

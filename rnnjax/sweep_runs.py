@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 
 import rnnjax
 from rnnjax.models import L1Norm, RunningCount
-from rnnjax.runs import write_atomically
+from rnnjax.runs import writable_folder, write_atomically
 from rnnjax.sweep import SweepResult, loss_landscape, summarize
 from rnnjax.tasks import TASKS
 
@@ -45,14 +44,7 @@ def prepare_sweep_folder(out: str | os.PathLike, *, overwrite: bool = False) -> 
     held = [name for name in (SUMMARY, PICTURE) if (out / name).exists()]
     if held and not overwrite:
         raise ValueError(f"--out {out}: already holds a sweep ({held[0]}); pass --overwrite to replace it")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    return created
+    return writable_folder(out)
 
 
 def landscape(task: str, settings: dict, result: SweepResult) -> tuple[tuple, tuple[str, str], SweepResult]:
