@@ -114,6 +114,7 @@ def test_eval_on_a_long_random_sequence(l1_run, capsys):
     ("l1", ["--length", "0"], r"argument --length: expected a length .*; received '0'$"),
     ("l1", ["--length", "1_000"], r"received '1_000'$"),
     ("l1", ["--length", "100000001"], r"received '100000001'$"),
+    ("l1", ["--length", "9" * 5000], r"received '9{40}\.\.\.'$"),
     ("l1", ["--length", "5", "--input", "x.csv"], r"not allowed with argument"),
     ("l1", ["--length", "3", "--seed", "99999999999999999999"], r"expected a seed in"),
     ("l1", ["--length", "3", "--method", "fast"], r"argument --method: invalid choice: 'fast'"),

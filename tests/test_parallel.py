@@ -43,7 +43,9 @@ def assert_within_bound(states, w, inputs, lengths, h0, block_size):
     assert np.isfinite(states).all(), "NaN or inf where the float64 loop is finite"
     info = np.finfo(np.asarray(inputs).dtype)
     k = 8 * (block_size + 16 * levels(inputs.shape[1], block_size))
-    bound = k * info.eps * magnitudes + k * float(info.tiny) * (1 + np.abs(expected).max())
+    steps = np.arange(1, inputs.shape[1] + 1)[None, :, None]
+    bound = (k * info.eps * magnitudes + steps * info.eps / 2 * np.abs(expected)
+             + k * float(info.tiny) * (1 + np.abs(expected).max()))
     error = np.abs(states - expected)
     assert (error <= bound).all(), f"error {error.max():.3g} over the bound at {np.argmax(error - bound)}"
     return True
@@ -154,6 +156,17 @@ def test_second_derivatives_and_forward_mode_equal_sequential(w_hh):
         results[method] = (hessian, grad_of_grad, tangent)
     chex.assert_tree_all_finite(results["parallel"])
     chex.assert_trees_all_close(results["parallel"], results["sequential"], rtol=2e-4, atol=2e-4)
+
+
+def test_second_derivatives_at_a_zero_recurrent_weight():
+    """h_2 = w^2 + w + 1 for three ones: d2/dw2 = 2, also at w = 0 exactly (found by the audit)."""
+    xs = jnp.ones((1, 3, 1))
+
+    def final(w_hh, method):
+        return rnn(ReLUCell(1), cell_params(1.0, w_hh), xs, method=method)[0][0, 0]
+
+    for method in ("sequential", "parallel"):
+        assert float(jax.jit(jax.hessian(final), static_argnums=1)(0.0, method)) == 2.0
 
 
 def test_the_second_derivative_of_a_sum_is_the_analytic_one():
