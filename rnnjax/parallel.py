@@ -138,7 +138,10 @@ def _prefix_states(
     """
     identity, compose, evaluate = algebra
     n = jax.tree.leaves(elements)[0].shape[1]
-    padding = jax.tree.map(lambda _: 0, elements) if then is not compose else identity((), start.dtype)
+    # The last block is padded with zero elements at the first level and identity maps above
+    # it; either way the padding only feeds states that are cut off.
+    first_level = then is not compose
+    padding = jax.tree.map(lambda _: 0, elements) if first_level else identity((), start.dtype)
     blocks = _to_blocks(elements, size, padding)
     block_shape = jax.tree.leaves(blocks)[0].shape[1:]
     empty = identity(block_shape, start.dtype)
