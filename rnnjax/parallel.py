@@ -64,10 +64,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rnnjax import ramps
 from rnnjax.masking import length_mask
@@ -111,23 +112,44 @@ def _from_blocks(x: jax.Array, n: int) -> jax.Array:
     return x.transpose(1, 2, 0, 3).reshape(batch, blocks * size, features)[:, :n]
 
 
+class _Algebra(NamedTuple):
+    """The maps that spans of elements form, for the blocked driver.
+
+    ``then(map, element, slopes)`` is the map followed by one element of the first level and
+    ``compose(first, second, slopes)`` the map followed by another map (of a higher level's
+    element); ``evaluate(map, slopes, h)`` applies one. ``powers(counts)`` returns what spans of
+    ``counts`` steps share, stacked (``rnnjax.ramps.powers`` for ramps), or is None. At the
+    ``j``-th element of a block the driver passes ``slopes = (before, element, after)``: those of
+    the spans of the ``j`` elements before, of the element, and of all ``j + 1``.
+    """
+
+    identity: Callable[[tuple[int, ...], Any], Any]
+    then: Callable[[Any, Any, Any], Any]
+    compose: Callable[[Any, Any, Any], Any]
+    evaluate: Callable[[Any, Any, jax.Array], jax.Array]
+    powers: Callable[[np.ndarray], Any] | None = None
+
+
 def _prefix_states(
     elements: Any,
     start: jax.Array,
-    then: Callable[[Any, Any], Any],
-    algebra: tuple[Callable, Callable, Callable],
+    algebra: _Algebra,
     size: int,
+    *,
+    span: int = 1,
+    maps: bool = False,
     step: Callable[[jax.Array, Any], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Returns ``h_k = e_k(h_{k-1})`` for ``k < n``, with ``h_{-1} = start``, in blocks.
 
     Args:
-      elements: a pytree of ``(batch, n, features)`` arrays, one element per position.
+      elements: a pytree of ``(batch, n, features)`` arrays, one element per position: steps,
+        or (``maps``) maps of ``span`` steps each.
       start: ``(batch, features)``, the state before the first element.
-      then: ``then(map, element)``, the map followed by one element.
-      algebra: ``(identity(shape, dtype), compose(first, second), evaluate(map, h))`` of the
-        maps that spans of elements form.
+      algebra: the maps that spans of elements form.
       size: elements per block at this level.
+      span: steps per element.
+      maps: whether the elements are maps (levels above the first) rather than steps.
       step: ``step(h, element)``, one element applied to a state. Given, each block re-runs its
         elements one by one from its entering state (the loop's own rounding); None re-runs by
         evaluating each prefix map there (one rounding at the entering state's magnitude).
@@ -136,34 +158,43 @@ def _prefix_states(
       ``(states, entering)``: ``states`` ``(batch, n, features)``, and ``entering``
       ``(batch, blocks, features)``, the state before each block of ``size`` elements.
     """
-    identity, compose, evaluate = algebra
     n = jax.tree.leaves(elements)[0].shape[1]
+    then = algebra.compose if maps else algebra.then
     # The last block is padded with zero elements at the first level and identity maps above
     # it; either way the padding only feeds states that are cut off.
-    first_level = then is not compose
-    padding = jax.tree.map(lambda _: 0, elements) if first_level else identity((), start.dtype)
+    padding = (algebra.identity((), start.dtype) if maps
+               else jax.tree.map(lambda _: 0, elements))
     blocks = _to_blocks(elements, size, padding)
     block_shape = jax.tree.leaves(blocks)[0].shape[1:]
-    empty = identity(block_shape, start.dtype)
+    empty = algebra.identity(block_shape, start.dtype)
+    if algebra.powers is None:
+        slopes = element_slope = None
+    else:
+        table = algebra.powers(span * np.arange(size + 1))  # spans of 0, 1, ..., size elements
+        slopes = jax.tree.map(lambda x: x[:-1], table), jax.tree.map(lambda x: x[1:], table)
+        element_slope = jax.tree.map(lambda x: x[1], table)
+
+    def extend(prefix, x):
+        element, slope = x
+        before, after = (None, None) if slope is None else slope
+        return then(prefix, element, (before, element_slope, after)), after
 
     if block_shape[1] == 1:
         entering = start[:, None]
     else:
-        block_maps, _ = jax.lax.scan(lambda m, e: (then(m, e), None), empty, blocks)
-        ends, _ = _prefix_states(block_maps, start, compose, algebra, UPPER_BLOCK_SIZE)
+        block_maps, _ = jax.lax.scan(lambda m, x: (extend(m, x)[0], None), empty, (blocks, slopes))
+        ends, _ = _prefix_states(block_maps, start, algebra, UPPER_BLOCK_SIZE,
+                                  span=span * size, maps=True)
         entering = jnp.concatenate([start[:, None], ends[:, :-1]], axis=1)
 
     if step is None:
-        def rerun(prefix, element):
-            prefix = then(prefix, element)
-            return prefix, evaluate(prefix, entering)
-        _, states = jax.lax.scan(rerun, empty, blocks)
+        def rerun(prefix, x):
+            prefix, after = extend(prefix, x)
+            return prefix, algebra.evaluate(prefix, after, entering)
+        _, states = jax.lax.scan(rerun, empty, (blocks, slopes))
     else:
-        _, states = jax.lax.scan(lambda h, e: (step(h, e),) * 2, entering, blocks)
+        _, states = jax.lax.scan(lambda h, x: (step(h, x[0]),) * 2, entering, (blocks, slopes))
     return _from_blocks(states, n), entering
-
-
-_RAMPS = (ramps.identity, ramps.compose, ramps.evaluate)
 
 
 def _clamp(x: jax.Array) -> jax.Array:
@@ -171,22 +202,34 @@ def _clamp(x: jax.Array) -> jax.Array:
     return jnp.clip(x, -info.max, info.max)
 
 
-def _affine_identity(shape, dtype):
-    return jnp.ones(shape, dtype), jnp.zeros(shape, dtype)
-
-
-def _affine_then(first, second):
+def _affine_then(first, second, slopes=None):
     """``y -> a2 * (a1 * y + b1) + b2``: the pair ``(a1, b1)`` followed by ``(a2, b2)``."""
     (a1, b1), (a2, b2) = first, second
     return _clamp(a1 * a2), a2 * b1 + b2
 
 
-def _affine_evaluate(affine, y):
+def _affine_evaluate(affine, slopes, y):
     a, b = affine
     return a * y + b
 
 
-_AFFINE = (_affine_identity, _affine_then, _affine_evaluate)
+_AFFINE = _Algebra(
+    identity=lambda shape, dtype: (jnp.ones(shape, dtype), jnp.zeros(shape, dtype)),
+    then=_affine_then,
+    compose=_affine_then,
+    evaluate=_affine_evaluate,
+)
+
+
+def _ramps(w: jax.Array) -> _Algebra:
+    """The ramps of the steps ``h -> max(0, w*h + u)``, whose elements are the inputs ``u``."""
+    return _Algebra(
+        identity=ramps.identity,
+        then=lambda m, u, slopes: ramps.then_step(m, w, u, slopes[2]),
+        compose=lambda m, e, slopes: ramps.compose(m, slopes[0], e, slopes[1]),
+        evaluate=ramps.evaluate,
+        powers=lambda counts: ramps.powers(w, counts),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,28 +246,30 @@ def _from_zero(w: jax.Array, inputs: jax.Array, lengths: jax.Array, block_size: 
     """
     batch, time, features = inputs.shape
     start = jnp.zeros((batch, features), inputs.dtype)
-    states, entering = _prefix_states(
-        inputs, start, lambda m, u: ramps.then_step(m, w, u), _RAMPS, block_size,
-        step=lambda h, u: jnp.maximum(w * h + u, 0),
-    )
+    algebra = _ramps(w)
+    states, entering = _prefix_states(inputs, start, algebra, block_size,
+                                      step=lambda h, u: jnp.maximum(w * h + u, 0))
     last = jnp.maximum(lengths - 1, 0)
     first_of_block = last // block_size * block_size
     steps = first_of_block[:, None] + jnp.arange(block_size)  # (batch, block_size)
     block_inputs = jnp.take_along_axis(inputs, jnp.minimum(steps, time - 1)[..., None], axis=1)
     block_start = jnp.take_along_axis(entering, (last // block_size)[:, None, None], axis=1)[:, 0]
+    slopes = algebra.powers(np.arange(block_size + 1))  # (block_size + 1, features)
 
     def then_if(prefix, x):  # steps past the last one leave the prefix as it is
-        take, u = x
+        take, u, slope = x
         return jax.tree.map(lambda new, old: jnp.where(take, new, old),
-                            ramps.then_step(prefix, w, u), prefix), None
+                            ramps.then_step(prefix, w, u, slope), prefix), None
 
     for_last, _ = jax.lax.scan(
         then_if, ramps.identity((batch, features), inputs.dtype),
-        ((steps <= last[:, None]).T[..., None], block_inputs.swapaxes(0, 1)),
+        ((steps <= last[:, None]).T[..., None], block_inputs.swapaxes(0, 1),
+         jax.tree.map(lambda x: x[1:, None], slopes)),
     )
+    last_slope = jax.tree.map(lambda x: x[last - first_of_block + 1], slopes)  # (batch, features)
     position = jnp.arange(time)[None, :, None]
     states = jnp.where(position == last[:, None, None],
-                       ramps.evaluate(for_last, block_start)[:, None], states)
+                       ramps.evaluate(for_last, last_slope, block_start)[:, None], states)
     return jnp.where(position < lengths[:, None, None], states, 0)
 
 
@@ -240,8 +285,8 @@ def _from_zero_jvp(block_size, primals, tangents):
     jacobians = jnp.where(fired, w, 0)
     drive = dw * jnp.where(fired, previous, 0) + jnp.where(fired, dinputs, 0)
     start = jnp.zeros_like(states[:, 0])
-    dstates, _ = _prefix_states((jacobians, drive), start, _affine_then, _AFFINE, block_size,
-                                step=lambda y, e: _affine_evaluate(e, y))
+    dstates, _ = _prefix_states((jacobians, drive), start, _AFFINE, block_size,
+                                step=lambda y, e: _affine_evaluate(e, None, y))
     return states, dstates
 
 

@@ -2,23 +2,25 @@
 
 One step ``h -> max(0, w*h + u)`` maps ``[0, inf)`` into ``[0, inf)``, and so does any span of
 them. Such a map is monotone and piecewise linear with one sloped segment: it is constant up to
-``start``, has slope ``slope`` up to ``end``, and is constant after. A ``Ramp`` stores it by that
-segment's two endpoints and its slope:
+``start``, has slope ``w**k`` (``k`` the span's length) up to ``end``, and is constant after. A
+``Ramp`` stores that segment's two endpoints,
 
     f(h) = clip(start_value + slope * (h - start), min(start_value, end_value),
                 max(start_value, end_value))
 
-with the invariants (``M`` is the dtype's largest finite value, ``tiny`` its smallest normal):
+with ``0 <= start, start_value <= M`` (``M`` the dtype's largest finite value), ``start <= end
+<= inf`` and ``0 <= end_value <= inf``. Every coordinate is a point of the domain or of the
+range, never an extrapolation: a ramp that rises from its floor at ``h = 1e40`` in exact
+arithmetic stores ``start = M`` (it is constant on every finite state).
 
-    tiny <= |slope| <= M,    0 <= start <= M,    0 <= start_value <= M,
-    start <= end <= inf,     0 <= end_value <= inf.
-
-Every coordinate is a point of the domain or of the range, never an extrapolation: a ramp that
-rises from its floor at ``h = 1e40`` in exact arithmetic stores ``start = M`` (it is constant on
-every finite state), and one whose slope is ``0.5**1000`` stores ``tiny``. That is what keeps
-every quantity finite (see ``rnnjax.parallel`` for the argument) where a slope-and-offset pair
-``a*h + b`` overflows for ``|w| > 1`` and a threshold form ``a*(h - t)`` overflows ``t`` for
-``|w| < 1``.
+The slope is kept apart, as a ``Slope``: every ramp of a span of ``k`` steps has slope ``w**k``,
+so ``powers`` computes it from ``k`` alone, rounded once (a product of rounded slopes would
+compound their rounding over the spans), and with an exponent range of its own: ``3**1000`` or
+``1e-30**1000`` is stored as it is, not clamped to ``M`` or flushed to 0. ``multiply`` and
+``divide`` then scale a value by it with a single rounding, overflowing to ``inf`` or
+underflowing to 0 only where the exact result does. That is what keeps every quantity finite and
+exact (see ``rnnjax.parallel`` for the argument) where a slope-and-offset pair ``a*h + b``
+overflows for ``|w| > 1`` and a threshold form ``a*(h - t)`` overflows ``t`` for ``|w| < 1``.
 """
 
 from __future__ import annotations
@@ -27,98 +29,216 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["Ramp", "identity", "evaluate", "then_step", "compose"]
+__all__ = ["Ramp", "Slope", "powers", "multiply", "divide", "identity", "evaluate",
+           "then_step", "compose"]
 
 
 class Ramp(NamedTuple):
     """A monotone piecewise-linear map of ``[0, inf)`` into ``[0, inf]`` (see the module docs).
 
     Attributes:
-      slope: the sloped segment's slope, ``tiny <= |slope| <= M``.
       start: where the sloped segment begins, in ``[0, M]``.
       start_value: the map's value at ``start``, in ``[0, M]``.
       end: where it ends, in ``[start, inf]``.
       end_value: the value at ``end``, in ``[0, inf]``.
     """
 
-    slope: jax.Array
     start: jax.Array
     start_value: jax.Array
     end: jax.Array
     end_value: jax.Array
 
 
-def _saturate(slope: jax.Array) -> jax.Array:
-    """Clamps ``|slope|`` into ``[tiny, M]``, keeping its sign (a zero becomes ``+tiny``)."""
-    info = jnp.finfo(slope.dtype)
-    magnitude = jnp.clip(jnp.abs(slope), info.tiny, info.max)
-    return jnp.where(slope < 0, -magnitude, magnitude)
+class Slope(NamedTuple):
+    """A number ``lead * scale * scale`` of any magnitude, from normal floats, and its inverse.
+
+    ``lead`` holds the sign and the significand, within ``2**+-(maxexp // 2)``; ``scale`` is a
+    power of two; both are on the slope's side of 1 and have normal reciprocals, so that
+    ``x * lead * scale * scale`` (and ``x * inverse_lead * inverse_scale * inverse_scale``)
+    rounds once (twice) and overflows or underflows only where the exact product does. Exactly
+    0 is ``2**-C`` with ``C`` past the dtype's range: it multiplies every finite number to 0
+    and divides every positive one to ``inf``. Division is a product with the stored inverse,
+    never ``x / lead``: compilers turn a division by a broadcast value into a product with its
+    reciprocal, which flushes to 0 past the normal range.
+    """
+
+    lead: jax.Array
+    scale: jax.Array
+    inverse_lead: jax.Array
+    inverse_scale: jax.Array
+
+
+def _int_type(dtype) -> type:
+    return {4: jnp.int32, 8: jnp.int64}[jnp.dtype(dtype).itemsize]
+
+
+def _power_of_two(exponent: jax.Array, dtype) -> jax.Array:
+    """``2.0**exponent`` exactly, for exponents of normal numbers of ``dtype``."""
+    info = jnp.finfo(dtype)
+    biased = (exponent.astype(_int_type(dtype)) - (info.minexp - 1)) << info.nmant
+    return jax.lax.bitcast_convert_type(biased, dtype)
+
+
+def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x = high + low`` exactly, each with at most half of ``x``'s significand bits (by
+    masking bits, which no compiler contracts into a fused multiply-add)."""
+    info = jnp.finfo(x.dtype)
+    int_type = _int_type(x.dtype)
+    low_bits = (info.nmant + 2) // 2
+    mask = ~jnp.asarray((1 << low_bits) - 1, int_type)
+    high = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, int_type) & mask, x.dtype)
+    return high, x - high
+
+
+def _times(a: tuple, b: tuple) -> tuple:
+    """The product of two double-length numbers ``(high, low)`` in ``[0.5, 1)`` (Dekker)."""
+    (a_high, a_low), (b_high, b_low) = a, b
+    product = a_high * b_high
+    (a1, a2), (b1, b2) = _split(a_high), _split(b_high)
+    error = ((a1 * b1 - product) + a1 * b2 + a2 * b1) + a2 * b2
+    error = error + (a_high * b_low + a_low * b_high)
+    high = product + error
+    return high, error - (high - product)
+
+
+def powers(w: jax.Array, counts: np.ndarray) -> Slope:
+    """Returns ``w**k`` for each ``k`` of ``counts``, each rounded once to ``w``'s dtype.
+
+    Binary powering in double length (products of ``(high, low)`` pairs) with the binary
+    exponent carried apart as an integer, so ``w**k`` keeps its relative accuracy (``k * eps**2``
+    before the last rounding) and its magnitude at any ``k``.
+
+    Args:
+      w: ``(features,)`` floats (float32 or float64).
+      counts: ``(n,)`` non-negative integers, static.
+
+    Returns:
+      A ``Slope`` of ``(n, features)`` arrays.
+    """
+    counts = np.asarray(counts, np.int64)[:, None]
+    dtype = w.dtype
+    info = jnp.finfo(dtype)
+    # Exponents of the exact result clamp to +-cap, past which every finite product
+    # overflows and every quotient underflows, and back; powers of one w share one sign of
+    # exponent, so the clamp never mixes a clamped exponent with one of the other sign.
+    cap = info.maxexp - info.minexp + info.nmant + 2
+    significand, exponent = jnp.frexp(jnp.abs(w))  # |w| = significand * 2**exponent
+    zero = w == 0
+    base = (jnp.where(zero, 0.5, significand).astype(dtype), jnp.zeros_like(w))
+    base_exponent = jnp.where(zero, -cap, exponent).astype(jnp.int32)
+    result = (jnp.ones(counts.shape[:1] + w.shape, dtype), jnp.zeros(counts.shape[:1] + w.shape, dtype))
+    result_exponent = jnp.zeros(result[0].shape, jnp.int32)
+
+    def normalised(pair, exponent):
+        high, shift = jnp.frexp(pair[0])  # the product of two of [0.5, 1) is in [0.25, 1)
+        return (high, pair[1] * _power_of_two(-shift, dtype)), jnp.clip(exponent + shift, -cap, cap)
+
+    for bit in range(int(counts.max()).bit_length()):
+        take = (counts >> bit) & 1 == 1
+        product, product_exponent = normalised(_times(result, base), result_exponent + base_exponent)
+        result = tuple(jnp.where(take, new, old) for new, old in zip(product, result))
+        result_exponent = jnp.where(take, product_exponent, result_exponent)
+        base, base_exponent = normalised(_times(base, base), 2 * base_exponent)
+
+    # 1 / (high + low), to within about eps / 2 of the exact reciprocal (one Newton step).
+    reciprocal = 1 / result[0]
+    product = _times(result, (reciprocal, jnp.zeros_like(reciprocal)))
+    reciprocal = reciprocal + reciprocal * ((1 - product[0]) - product[1])
+    # Split the exponent between lead * scale**2, lead's within +-(maxexp // 2), so that
+    # lead and scale lie on the side of 1 that the slope does (|slope| >= 1 iff exponent >= 1).
+    scale_exponent = jnp.where(result_exponent >= 1, (result_exponent - 1) // 2,
+                               -(-result_exponent // 2))
+    lead_exponent = result_exponent - 2 * scale_exponent
+    shift = jnp.clip(scale_exponent, -(info.maxexp - 2), info.maxexp - 2) - scale_exponent
+    scale_exponent, lead_exponent = scale_exponent + shift, lead_exponent - 2 * shift
+    sign = jnp.where((w < 0) & (counts % 2 == 1), -1, 1).astype(dtype)
+    magnitude = result[0] + result[1]  # in [0.5, 1], like the reciprocal's half
+    slope = Slope(
+        sign * magnitude * _power_of_two(lead_exponent, dtype),
+        _power_of_two(scale_exponent, dtype),
+        sign * reciprocal * _power_of_two(-lead_exponent, dtype),
+        _power_of_two(-scale_exponent, dtype),
+    )
+    # A barrier, so that no compiler folds a constant table into lead * scale * scale.
+    return jax.lax.optimization_barrier(slope)
+
+
+def multiply(x: jax.Array, slope: Slope) -> jax.Array:
+    """``x * slope``, rounded once; ``inf`` or 0 only where the exact product is."""
+    return x * slope.lead * slope.scale * slope.scale
+
+
+def divide(x: jax.Array, slope: Slope) -> jax.Array:
+    """``x / slope``, rounded twice; ``inf`` or 0 only where the exact quotient is."""
+    return x * slope.inverse_lead * slope.inverse_scale * slope.inverse_scale
 
 
 def identity(shape: tuple[int, ...], dtype) -> Ramp:
-    """The identity map ``h -> h`` of ``[0, inf)``, as ramps of the given shape."""
+    """The identity map ``h -> h`` of ``[0, inf)`` (slope ``w**0 = 1``), of the given shape."""
     zeros = jnp.zeros(shape, dtype)
     infinite = jnp.full(shape, jnp.inf, dtype)
-    return Ramp(jnp.ones(shape, dtype), zeros, zeros, infinite, infinite)
+    return Ramp(zeros, zeros, infinite, infinite)
 
 
-def evaluate(ramp: Ramp, h: jax.Array) -> jax.Array:
-    """Returns ``ramp(h)`` for states ``h >= 0``.
+def evaluate(ramp: Ramp, slope: Slope, h: jax.Array) -> jax.Array:
+    """Returns ``ramp(h)`` for states ``h >= 0``, where ``slope`` is the ramp's slope.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> ramp = then_step(identity((), jnp.float32), jnp.float32(2.0), jnp.float32(-3.0))
-      >>> [float(evaluate(ramp, jnp.float32(h))) for h in (0.0, 1.5, 4.0)]  # max(0, 2h - 3)
-      [0.0, 0.0, 5.0]
+      >>> w = jnp.array([2.0])
+      >>> slope = powers(w, [1])  # w**1, shape (1, 1)
+      >>> ramp = then_step(identity((1, 1), jnp.float32), w, jnp.float32(-3.0), slope)
+      >>> evaluate(ramp, slope, jnp.array([[0.0], [1.5], [4.0]]))[:, 0]  # max(0, 2h - 3)
+      Array([0., 0., 5.], dtype=float32)
     """
     low = jnp.minimum(ramp.start_value, ramp.end_value)
     high = jnp.maximum(ramp.start_value, ramp.end_value)
-    return jnp.clip(ramp.start_value + ramp.slope * (h - ramp.start), low, high)
+    return jnp.clip(ramp.start_value + multiply(h - ramp.start, slope), low, high)
 
 
-def then_step(ramp: Ramp, w: jax.Array, u: jax.Array) -> Ramp:
-    """Returns ``step ∘ ramp`` for the step ``v -> max(0, w*v + u)``.
+def then_step(ramp: Ramp, w: jax.Array, u: jax.Array, slope: Slope) -> Ramp:
+    """Returns ``step ∘ ramp`` for the step ``v -> max(0, w*v + u)``; ``slope`` is its slope.
 
     The new values at the segment's ends are one step of the recurrence applied to the old
     ones, rounded exactly as the sequential loop rounds; where the step clips, the segment ends
-    at the kink ``start - (w*start_value + u) / (w*slope)``, clamped into the old segment.
+    at the kink ``start - (w*start_value + u) / slope``, clamped into the old segment.
     """
     value_at_start = w * ramp.start_value + u
     value_at_end = jnp.where(w == 0, 0, w * ramp.end_value) + u  # 0 * inf is 0 here
-    slope = _saturate(ramp.slope * w)
-    kink = jnp.clip(ramp.start - value_at_start / slope, ramp.start, ramp.end)
+    kink = jnp.clip(ramp.start - divide(value_at_start, slope), ramp.start, ramp.end)
     start = jnp.where(value_at_start > 0, ramp.start, kink)
+    largest = jnp.finfo(start.dtype).max
     return Ramp(
-        slope,
-        jnp.minimum(start, jnp.finfo(start.dtype).max),
-        jnp.maximum(value_at_start, 0),
+        jnp.minimum(start, largest),
+        jnp.clip(value_at_start, 0, largest),
         jnp.where(value_at_end > 0, ramp.end, kink),
         jnp.maximum(value_at_end, 0),
     )
 
 
-def compose(first: Ramp, second: Ramp) -> Ramp:
-    """Returns ``second ∘ first``; associative, so ``lax.associative_scan`` may use it too.
+def compose(first: Ramp, first_slope: Slope, second: Ramp, second_slope: Slope) -> Ramp:
+    """Returns ``second ∘ first`` (whose slope is the product of theirs); associative.
 
     The composition's segment is the part of ``first``'s segment that ``first`` maps into
     ``second``'s: its ends are preimages of ``second``'s ends under ``first`` (a division by
-    ``first.slope``, which is never 0), clamped into ``first``'s segment.
+    ``first_slope``, which is never 0), clamped into ``first``'s segment.
     """
     low = jnp.minimum(first.start_value, first.end_value)
     high = jnp.maximum(first.start_value, first.end_value)
-    rising = first.slope > 0
+    rising = first_slope.lead > 0
     enters = jnp.where(rising, second.start, second.end)  # where `first` reaches `second`'s
     leaves = jnp.where(rising, second.end, second.start)  # segment, in `first`'s value space
 
     def preimage(value):
-        return jnp.clip(first.start + (value - first.start_value) / first.slope,
+        return jnp.clip(first.start + divide(value - first.start_value, first_slope),
                         first.start, first.end)
 
+    largest = jnp.finfo(low.dtype).max
     return Ramp(
-        _saturate(first.slope * second.slope),
-        jnp.minimum(preimage(enters), jnp.finfo(low.dtype).max),
-        evaluate(second, jnp.clip(enters, low, high)),
+        jnp.minimum(preimage(enters), largest),
+        jnp.minimum(evaluate(second, second_slope, jnp.clip(enters, low, high)), largest),
         preimage(leaves),
-        evaluate(second, jnp.clip(leaves, low, high)),
+        evaluate(second, second_slope, jnp.clip(leaves, low, high)),
     )
