@@ -128,39 +128,50 @@ def powers(w: jax.Array, counts: np.ndarray) -> Slope:
     zero = w == 0
     base = (jnp.where(zero, 0.5, significand).astype(dtype), jnp.zeros_like(w))
     base_exponent = jnp.where(zero, -cap, exponent).astype(jnp.int32)
-    result = (jnp.ones(counts.shape[:1] + w.shape, dtype), jnp.zeros(counts.shape[:1] + w.shape, dtype))
-    result_exponent = jnp.zeros(result[0].shape, jnp.int32)
+    shape = counts.shape[:1] + w.shape
+    result = (jnp.ones(shape, dtype), jnp.zeros(shape, dtype))
+    negative = (w < 0) & (counts % 2 == 1)
 
     def normalised(pair, exponent):
-        high, shift = jnp.frexp(pair[0])  # the product of two of [0.5, 1) is in [0.25, 1)
+        high, shift = jnp.frexp(pair[0])  # the product of two of [0.5, 1) is in [0.25, 1]
         return (high, pair[1] * _power_of_two(-shift, dtype)), jnp.clip(exponent + shift, -cap, cap)
 
-    for bit in range(int(counts.max()).bit_length()):
-        take = (counts >> bit) & 1 == 1
+    def slope_of(pair, exponent):
+        # 1 / (high + low), to within about eps / 2 of the exact reciprocal (a Newton step).
+        reciprocal = 1 / pair[0]
+        product = _times(pair, (reciprocal, jnp.zeros_like(reciprocal)))
+        reciprocal = reciprocal + reciprocal * ((1 - product[0]) - product[1])
+        # Split the exponent between lead * scale**2, lead's within +-(maxexp // 2), so that
+        # lead and scale lie on the slope's side of 1 (|slope| >= 1 iff exponent >= 1).
+        scale_exponent = jnp.where(exponent >= 1, (exponent - 1) // 2, -(-exponent // 2))
+        shift = jnp.clip(scale_exponent, 2 - info.maxexp, info.maxexp - 2) - scale_exponent
+        scale_exponent = scale_exponent + shift
+        lead_exponent = exponent - 2 * scale_exponent
+        sign = jnp.where(negative, -1, 1).astype(dtype)
+        return Slope(
+            sign * (pair[0] + pair[1]) * _power_of_two(lead_exponent, dtype),
+            _power_of_two(scale_exponent, dtype),
+            sign * reciprocal * _power_of_two(-lead_exponent, dtype),
+            _power_of_two(-scale_exponent, dtype),
+        )
+
+    def next_bit(carry, take):
+        result, result_exponent, base, base_exponent, _ = carry
         product, product_exponent = normalised(_times(result, base), result_exponent + base_exponent)
         result = tuple(jnp.where(take, new, old) for new, old in zip(product, result))
         result_exponent = jnp.where(take, product_exponent, result_exponent)
         base, base_exponent = normalised(_times(base, base), 2 * base_exponent)
+        return (result, result_exponent, base, base_exponent,
+                slope_of(result, result_exponent)), None
 
-    # 1 / (high + low), to within about eps / 2 of the exact reciprocal (one Newton step).
-    reciprocal = 1 / result[0]
-    product = _times(result, (reciprocal, jnp.zeros_like(reciprocal)))
-    reciprocal = reciprocal + reciprocal * ((1 - product[0]) - product[1])
-    # Split the exponent between lead * scale**2, lead's within +-(maxexp // 2), so that
-    # lead and scale lie on the side of 1 that the slope does (|slope| >= 1 iff exponent >= 1).
-    scale_exponent = jnp.where(result_exponent >= 1, (result_exponent - 1) // 2,
-                               -(-result_exponent // 2))
-    lead_exponent = result_exponent - 2 * scale_exponent
-    shift = jnp.clip(scale_exponent, -(info.maxexp - 2), info.maxexp - 2) - scale_exponent
-    scale_exponent, lead_exponent = scale_exponent + shift, lead_exponent - 2 * shift
-    sign = jnp.where((w < 0) & (counts % 2 == 1), -1, 1).astype(dtype)
-    magnitude = result[0] + result[1]  # in [0.5, 1], like the reciprocal's half
-    slope = Slope(
-        sign * magnitude * _power_of_two(lead_exponent, dtype),
-        _power_of_two(scale_exponent, dtype),
-        sign * reciprocal * _power_of_two(-lead_exponent, dtype),
-        _power_of_two(-scale_exponent, dtype),
-    )
+    # A loop over the bits, whose result XLA materialises: as unrolled code, fusion copied it
+    # into every consumer, once per element (4x slower training). At least two bits, since a
+    # one-trip loop is inlined.
+    bits = np.arange(max(2, int(counts.max()).bit_length()))
+    takes = (counts[None] >> bits[:, None, None]) & 1 == 1
+    initial = (result, jnp.zeros(shape, jnp.int32), base, base_exponent,
+               slope_of(result, jnp.zeros(shape, jnp.int32)))
+    (*_, slope), _ = jax.lax.scan(next_bit, initial, jnp.asarray(takes))
     # A barrier, so that no compiler folds a constant table into lead * scale * scale.
     return jax.lax.optimization_barrier(slope)
 
