@@ -138,7 +138,9 @@ def rnn(
         ``cell.initialize_carry(key, xs[:, 0].shape)``; None means that (zeros).
       method: "sequential" (one ``lax.scan``), "parallel" (the exact blocked scan of
         ``rnnjax.parallel``; ``ReLUCell`` with ``features == 1`` or ``diagonal=True`` only;
-        weights below float32 precision are computed in float32), or "auto" (see
+        weights below float32 precision are computed in float32 and returned in their dtype,
+        saturating at its largest finite value: 65504 for float16, where the loop's float16
+        sum of ones stalls at 2048), or "auto" (see
         ``resolve_method``).
 
     Returns:
@@ -237,4 +239,6 @@ def _parallel(cell, params, xs, lengths, initial_state):
     states = relu_scan(w_hh, inputs, lengths, initial_state.astype(compute))
     last = jnp.take_along_axis(states, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     final_state = jnp.where(lengths[:, None] > 0, last, initial_state.astype(compute))
-    return final_state.astype(dtype), states.astype(dtype)
+    largest = jnp.finfo(dtype).max  # a float32 state past float16's range saturates, not inf
+    return (jnp.minimum(final_state, largest).astype(dtype),
+            jnp.minimum(states, largest).astype(dtype))

@@ -158,6 +158,27 @@ def test_slopes_near_one_do_not_compound_their_rounding_over_blocks(dtype, w, ti
         assert error.max() <= 64 * np.finfo(dtype).eps
 
 
+@pytest.mark.parametrize("w", [0.99999, 1.0001, -0.999])
+def test_gradients_near_one_do_not_compound_the_rounding_of_w_to_the_k(w):
+    """With ones for inputs, d h_T / d x_s = w**(T-1-s) and d h_T / d W_hh = sum_j j w**(j-1):
+    both within 128 eps of exact (before: the tangent's products of one rounded w**C, 5,336 eps
+    off at w = 0.99999; the loop 98)."""
+    time = 100_000 if w > 0 else 2_000
+    params = cell_params(1.0, w)
+    xs = jnp.ones((1, time, 1))
+    loss = lambda params, xs: rnn(ReLUCell(1), params, xs, method="parallel")[0].sum()
+    grad_params, grad_xs = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xs)
+    w = np.longdouble(np.float32(w))
+    exact_xs = np.power(w, np.arange(time - 1, -1, -1, dtype=np.longdouble))
+    steps = np.arange(1, time, dtype=np.longdouble)
+    exact_w = np.sum(steps * np.power(w, steps - 1))
+    eps = np.finfo(np.float32).eps
+    error_xs = np.abs(np.asarray(grad_xs[0, :, 0], np.longdouble) - exact_xs) / np.abs(exact_xs)
+    assert error_xs.max() <= 128 * eps
+    got_w = np.longdouble(float(grad_params["params"]["W_hh"][0, 0]))
+    assert abs(got_w - exact_w) <= 128 * eps * abs(exact_w)
+
+
 @pytest.mark.parametrize("block_size", [1, 2, 64])
 def test_tiny_negative_weights_pick_the_right_bound(block_size):
     states = relu_scan(jnp.full(1, -1e-20), jnp.ones((1, 2, 1)), jnp.array([2]), jnp.zeros((1, 1)),
@@ -237,6 +258,20 @@ def test_low_precision_weights_run_in_float32_and_return_the_cells_dtype(param_d
     assert states.dtype == final_state.dtype == expected.dtype == param_dtype
     chex.assert_tree_all_finite(states)
     chex.assert_trees_all_close((final_state, states), (expected_final, expected), rtol=1e-2)
+
+
+def test_float16_states_past_its_range_saturate_where_the_loop_is_finite():
+    """The audit's case: a float16 sum of 70,000 ones. The loop stalls at 2048 (finite); the
+    float32 computation passes 65504 and saturates there rather than becoming inf."""
+    cell = ReLUCell(1, param_dtype=jnp.float16)
+    params = cell_params(1.0, 1.0, jnp.float16)
+    xs = jnp.ones((1, 70_000, 1), jnp.float16)
+    sequential = rnn(cell, params, xs, method="sequential")
+    parallel = rnn(cell, params, xs, method="parallel")
+    chex.assert_tree_all_finite((sequential, parallel))
+    assert float(sequential[0][0, 0]) == 2048.0
+    assert float(parallel[0][0, 0]) == float(jnp.finfo(jnp.float16).max)
+    assert float(parallel[1][0, 2047, 0]) == 2048.0
 
 
 def test_gradients_of_the_audits_nan_batches_match_the_float64_loop():
