@@ -33,6 +33,14 @@ compound over the blocks (at ``w = 0.99999``, ``T = 1e5``, float32, ``h_t = w^(t
 property tests over that domain, including tiny states growing through spans whose ``|w|^k``
 passes the largest float.
 
+**Known exception: kinks below tiny.** XLA flushes subnormal numbers to 0 on a CPU, in the loop
+as here. A span's kink (the entering state at which its output reaches 0) that lies closer to 0
+than ``tiny`` is flushed to 0, which shifts the span's later values by up to ``tiny * |w|^k``
+(``k`` steps from the span's start). That is nothing for ``|w| <= 1``, but for ``|w| > 1`` and
+inputs within a few orders of magnitude of ``tiny`` growth can carry it to a large relative
+error: ``w = 2``, inputs ``10 tiny`` then ``-1.5 tiny`` at a block's start, 8% at step 199,
+where the loop is exact (``tests/test_parallel.py``, an expected failure until fixed).
+
 **Why every quantity stays finite** (invariants of ``rnnjax.ramps``):
 
 - A slope is a ``Slope``, the product of normal floats ``lead * scale * scale`` whose binary

@@ -179,6 +179,20 @@ def test_gradients_near_one_do_not_compound_the_rounding_of_w_to_the_k(w):
     assert abs(got_w - exact_w) <= 128 * eps * abs(exact_w)
 
 
+@pytest.mark.xfail(strict=True, reason="open: a kink below tiny is flushed to 0 (parallel.py)")
+def test_a_kink_closer_to_zero_than_tiny_keeps_its_place():
+    """The second audit's case: W_hh = 2, inputs 10 tiny then -1.5 tiny at the start of a block,
+    so the block's ramp has its kink at 0.75 tiny, which XLA flushes to 0; doubling then carries
+    the shift of 1.5 tiny to 8% of the state by step 199 (the loop is exact here)."""
+    tiny = float(np.finfo(np.float32).tiny)
+    inputs = np.zeros((1, 200, 1), np.float32)
+    inputs[0, 63, 0], inputs[0, 64, 0] = 10 * tiny, -1.5 * tiny
+    states = relu_scan(jnp.full(1, 2.0), jnp.asarray(inputs), jnp.array([200]), jnp.zeros((1, 1)),
+                       block_size=64)
+    exact = 18.5 * tiny * 2.0 ** np.arange(136)
+    np.testing.assert_allclose(np.asarray(states[0, 64:, 0], np.float64), exact, rtol=1e-6)
+
+
 @pytest.mark.parametrize("block_size", [1, 2, 64])
 def test_tiny_negative_weights_pick_the_right_bound(block_size):
     states = relu_scan(jnp.full(1, -1e-20), jnp.ones((1, 2, 1)), jnp.array([2]), jnp.zeros((1, 1)),
