@@ -20,26 +20,20 @@ state: wherever the sequential loop's states stay below ``1e30``, every state is
 within
 
     |h_t - exact_t| <= K * eps * max_{s <= t} |w|^(t - s) * (|w * h_{s-1}| + |u_s|)
-                       + K * tiny * (1 + max_s h_s)
+                       + K * tiny * (1 + max_s h_s + max_{s <= t} |w|^(t - s))
 
 of the exact (float64) recurrence on the same inputs, where ``K = 8 * (block_size +
 16 * levels(T, block_size))``, ``eps`` is the dtype's machine epsilon and ``tiny`` its smallest
-normal number. The first term is a sum of magnitudes along one path of the computation, not of
-all steps: each state is a ramp evaluated at an entering state, itself a ramp of the level above
+normal number. The last term is the flushing of subnormal numbers to 0, which the loop suffers
+as well (its own error obeys the same bound); it only shows for states within a few orders of
+magnitude of ``tiny`` followed by growth. The first term is a sum of magnitudes along one path
+of the computation, not of all steps: each state is a ramp evaluated at an entering state, itself a ramp of the level above
 evaluated at its own, and so on, and each evaluation rounds once. The slopes ``w^k`` are
 computed from ``k`` by ``rnnjax.ramps.powers``, each rounded once, so their rounding does not
 compound over the blocks (at ``w = 0.99999``, ``T = 1e5``, float32, ``h_t = w^(t+1)`` is within
 61 eps of exact at every step, the loop's 98). ``tests/test_parallel.py`` checks the bound by
 property tests over that domain, including tiny states growing through spans whose ``|w|^k``
 passes the largest float.
-
-**Known exception: kinks below tiny.** XLA flushes subnormal numbers to 0 on a CPU, in the loop
-as here. A span's kink (the entering state at which its output reaches 0) that lies closer to 0
-than ``tiny`` is flushed to 0, which shifts the span's later values by up to ``tiny * |w|^k``
-(``k`` steps from the span's start). That is nothing for ``|w| <= 1``, but for ``|w| > 1`` and
-inputs within a few orders of magnitude of ``tiny`` growth can carry it to a large relative
-error: ``w = 2``, inputs ``10 tiny`` then ``-1.5 tiny`` at a block's start, 8% at step 199,
-where the loop is exact (``tests/test_parallel.py``, an expected failure until fixed).
 
 **Why every quantity stays finite** (invariants of ``rnnjax.ramps``):
 
@@ -49,7 +43,13 @@ where the loop is exact (``tests/test_parallel.py``, an expected failure until f
   factor by factor, all on the slope's side of 1, so a product is ``inf`` or 0 exactly where
   the exact one overflows or underflows, and no factor is ever 0 or ``inf``: ``0 * inf`` is
   never formed. Division is a product with the stored inverse.
-- ``start`` and ``start_value`` are points of the domain and range, clamped to ``[0, M]``.
+- ``start`` and ``end`` are states that exist (0, or at least ``tiny``: XLA flushes smaller
+  numbers to 0 on a CPU), and ``start_value`` and ``end_value`` the map's values there, with
+  its value at 0 kept apart (``at_zero``). A kink that falls between 0 and ``tiny`` is moved to
+  where the line reaches ``tiny``: no state lies in between, so the map is unchanged on every
+  state (a kink flushed to 0 had shifted the line by up to ``tiny`` in the domain, which
+  ``|w|^k`` then amplified: 8% off at ``w = 2``, ``inf`` at ``w = 3``, in the second audit).
+- ``start`` and ``start_value`` are clamped to ``[0, M]``.
   ``end`` and ``end_value`` may be ``+inf`` (a segment that never ends).
 - Differences ``h - start``, ``value - start_value`` are of non-negative finite numbers, or
   ``+inf`` minus a finite number: never ``inf - inf``. ``w * end_value`` with ``w = 0`` is

@@ -9,9 +9,12 @@ them. Such a map is monotone and piecewise linear with one sloped segment: it is
                 max(start_value, end_value))
 
 with ``0 <= start, start_value <= M`` (``M`` the dtype's largest finite value), ``start <= end
-<= inf`` and ``0 <= end_value <= inf``. Every coordinate is a point of the domain or of the
-range, never an extrapolation: a ramp that rises from its floor at ``h = 1e40`` in exact
-arithmetic stores ``start = M`` (it is constant on every finite state).
+<= inf`` and ``0 <= end_value <= inf``, and its value at 0 stored apart (``at_zero``). Every
+coordinate is a point of the domain or of the range, never an extrapolation: a ramp that rises
+from its floor at ``h = 1e40`` in exact arithmetic stores ``start = M`` (it is constant on every
+finite state). Positions are states that exist: 0, or at least ``tiny`` (the smallest normal
+number; XLA flushes smaller ones to 0 on a CPU). A kink between 0 and ``tiny`` is stored where
+the line reaches ``tiny``, which changes the map on no state.
 
 The slope is kept apart, as a ``Slope``: every ramp of a span of ``k`` steps has slope ``w**k``,
 so ``powers`` computes it from ``k`` alone, rounded once (a product of rounded slopes would
@@ -43,12 +46,14 @@ class Ramp(NamedTuple):
       start_value: the map's value at ``start``, in ``[0, M]``.
       end: where it ends, in ``[start, inf]``.
       end_value: the value at ``end``, in ``[0, inf]``.
+      at_zero: the value at ``h = 0``.
     """
 
     start: jax.Array
     start_value: jax.Array
     end: jax.Array
     end_value: jax.Array
+    at_zero: jax.Array
 
 
 class Slope(NamedTuple):
@@ -190,11 +195,12 @@ def identity(shape: tuple[int, ...], dtype) -> Ramp:
     """The identity map ``h -> h`` of ``[0, inf)`` (slope ``w**0 = 1``), of the given shape."""
     zeros = jnp.zeros(shape, dtype)
     infinite = jnp.full(shape, jnp.inf, dtype)
-    return Ramp(zeros, zeros, infinite, infinite)
+    return Ramp(zeros, zeros, infinite, infinite, zeros)
 
 
 def evaluate(ramp: Ramp, slope: Slope, h: jax.Array) -> jax.Array:
-    """Returns ``ramp(h)`` for states ``h >= 0``, where ``slope`` is the ramp's slope.
+    """Returns ``ramp(h)`` for states ``h`` (0 or at least ``tiny``), where ``slope`` is the
+    ramp's slope.
 
     Example:
       >>> import jax.numpy as jnp
@@ -206,7 +212,18 @@ def evaluate(ramp: Ramp, slope: Slope, h: jax.Array) -> jax.Array:
     """
     low = jnp.minimum(ramp.start_value, ramp.end_value)
     high = jnp.maximum(ramp.start_value, ramp.end_value)
-    return jnp.clip(ramp.start_value + multiply(h - ramp.start, slope), low, high)
+    sloped = jnp.clip(ramp.start_value + multiply(h - ramp.start, slope), low, high)
+    return jnp.where(h == 0, ramp.at_zero, sloped)
+
+
+def _position(start: jax.Array, offset: jax.Array, ahead: jax.Array, end: jax.Array):
+    """``start + offset`` clamped into ``[start, end]``, rounded up to ``tiny`` where the exact
+    position lies ``ahead`` of ``start`` but below ``tiny`` (XLA flushes it to 0; no state lies
+    in between). Returns the position and whether it was rounded up."""
+    tiny = jnp.finfo(start.dtype).tiny
+    exact = start + offset
+    rounded_up = ahead & (exact < tiny)
+    return jnp.clip(jnp.where(rounded_up, tiny, exact), start, end), rounded_up
 
 
 def then_step(ramp: Ramp, w: jax.Array, u: jax.Array, slope: Slope) -> Ramp:
@@ -214,18 +231,29 @@ def then_step(ramp: Ramp, w: jax.Array, u: jax.Array, slope: Slope) -> Ramp:
 
     The new values at the segment's ends are one step of the recurrence applied to the old
     ones, rounded exactly as the sequential loop rounds; where the step clips, the segment ends
-    at the kink ``start - (w*start_value + u) / slope``, clamped into the old segment.
+    at the kink ``start - (w*start_value + u) / slope``, clamped into the old segment (and
+    rounded up to ``tiny`` if it lies closer to 0: the value stored is the map's value there).
     """
     value_at_start = w * ramp.start_value + u
     value_at_end = jnp.where(w == 0, 0, w * ramp.end_value) + u  # 0 * inf is 0 here
-    kink = jnp.clip(ramp.start - divide(value_at_start, slope), ramp.start, ramp.end)
-    start = jnp.where(value_at_start > 0, ramp.start, kink)
-    largest = jnp.finfo(start.dtype).max
+    rising = slope.lead > 0
+    ahead = ((value_at_start < 0) == rising) & (value_at_start != 0)  # 0 is reached after start
+    kink, rounded_up = _position(ramp.start, -divide(value_at_start, slope), ahead, ramp.end)
+    # A rising line whose kink lies below tiny is anchored where it reaches tiny instead (a
+    # state and a value that both exist); a falling one is 0 from tiny on.
+    tiny = jnp.finfo(kink.dtype).tiny
+    anchor = jnp.clip(ramp.start + divide(tiny - value_at_start, slope), tiny, ramp.end)
+    kink = jnp.where(rounded_up & rising, anchor, kink)
+    value_at_kink = jnp.where(
+        rounded_up & rising, jnp.maximum(value_at_start + multiply(kink - ramp.start, slope), 0), 0)
+    largest = jnp.finfo(kink.dtype).max
+    positive = value_at_start > 0
     return Ramp(
-        jnp.minimum(start, largest),
-        jnp.clip(value_at_start, 0, largest),
+        jnp.minimum(jnp.where(positive, ramp.start, kink), largest),
+        jnp.clip(jnp.where(positive, value_at_start, value_at_kink), 0, largest),
         jnp.where(value_at_end > 0, ramp.end, kink),
-        jnp.maximum(value_at_end, 0),
+        jnp.where(value_at_end > 0, value_at_end, value_at_kink),
+        jnp.maximum(w * ramp.at_zero + u, 0),
     )
 
 
@@ -234,7 +262,8 @@ def compose(first: Ramp, first_slope: Slope, second: Ramp, second_slope: Slope) 
 
     The composition's segment is the part of ``first``'s segment that ``first`` maps into
     ``second``'s: its ends are preimages of ``second``'s ends under ``first`` (a division by
-    ``first_slope``, which is never 0), clamped into ``first``'s segment.
+    ``first_slope``, which is never 0), clamped into ``first``'s segment and rounded up to
+    ``tiny`` if they lie closer to 0 (the values stored are the composition's there).
     """
     low = jnp.minimum(first.start_value, first.end_value)
     high = jnp.maximum(first.start_value, first.end_value)
@@ -242,14 +271,16 @@ def compose(first: Ramp, first_slope: Slope, second: Ramp, second_slope: Slope) 
     enters = jnp.where(rising, second.start, second.end)  # where `first` reaches `second`'s
     leaves = jnp.where(rising, second.end, second.start)  # segment, in `first`'s value space
 
-    def preimage(value):
-        return jnp.clip(first.start + divide(value - first.start_value, first_slope),
-                        first.start, first.end)
+    def end(value):
+        """The preimage of ``value`` and ``second ∘ first`` there."""
+        change = value - first.start_value
+        position, rounded_up = _position(
+            first.start, divide(change, first_slope),
+            ((change > 0) == rising) & (change != 0), first.end)
+        reached = jnp.where(rounded_up, evaluate(first, first_slope, position), value)
+        return position, evaluate(second, second_slope, jnp.clip(reached, low, high))
 
+    (start, start_value), (end_, end_value) = end(enters), end(leaves)
     largest = jnp.finfo(low.dtype).max
-    return Ramp(
-        jnp.minimum(preimage(enters), largest),
-        jnp.minimum(evaluate(second, second_slope, jnp.clip(enters, low, high)), largest),
-        preimage(leaves),
-        evaluate(second, second_slope, jnp.clip(leaves, low, high)),
-    )
+    return Ramp(jnp.minimum(start, largest), jnp.minimum(start_value, largest), end_, end_value,
+                evaluate(second, second_slope, first.at_zero))

@@ -239,6 +239,8 @@ def _parallel(cell, params, xs, lengths, initial_state):
     states = relu_scan(w_hh, inputs, lengths, initial_state.astype(compute))
     last = jnp.take_along_axis(states, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     final_state = jnp.where(lengths[:, None] > 0, last, initial_state.astype(compute))
+    if dtype == compute:
+        return final_state, states
     largest = jnp.finfo(dtype).max  # a float32 state past float16's range saturates, not inf
     return (jnp.minimum(final_state, largest).astype(dtype),
             jnp.minimum(states, largest).astype(dtype))
