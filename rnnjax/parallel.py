@@ -238,13 +238,14 @@ def _affine(w: jax.Array) -> _Algebra:
     )
 
 
-def _ramps(w: jax.Array) -> _Algebra:
-    """The ramps of the steps ``h -> max(0, w*h + u)``, whose elements are the inputs ``u``."""
+def _ramps(w: jax.Array, growing: bool) -> _Algebra:
+    """The ramps of the steps ``h -> max(0, w*h + u)``, whose elements are the inputs ``u``
+    (``growing``: whether some ``|w| > 1``, see ``rnnjax.ramps.evaluate``)."""
     return _Algebra(
         identity=ramps.identity,
-        then=lambda m, u, slopes: ramps.then_step(m, w, u, slopes[2]),
-        compose=lambda m, e, slopes: ramps.compose(m, slopes[0], e, slopes[1]),
-        evaluate=ramps.evaluate,
+        then=lambda m, u, slopes: ramps.then_step(m, w, u, slopes[2], growing=growing),
+        compose=lambda m, e, slopes: ramps.compose(m, slopes[0], e, slopes[1], growing=growing),
+        evaluate=functools.partial(ramps.evaluate, growing=growing),
         powers=lambda counts: ramps.powers(w, counts),
     )
 
@@ -261,9 +262,19 @@ def _from_zero(w: jax.Array, inputs: jax.Array, lengths: jax.Array, block_size: 
     each sequence is computed again by evaluating its block's prefix ramp there, which rounds
     once at that magnitude instead of once a step (what keeps a 1e8-step L1 norm exact).
     """
+    # The work for positions between 0 and tiny is needed only where a slope exceeds 1.
+    return jax.lax.cond(
+        jnp.any(jnp.abs(w) > 1),
+        functools.partial(_states_from_zero, block_size=block_size, growing=True),
+        functools.partial(_states_from_zero, block_size=block_size, growing=False),
+        w, inputs, lengths)
+
+
+def _states_from_zero(w, inputs, lengths, *, block_size, growing):
+    """``_from_zero``'s states; ``growing=False`` only if no ``|w|`` exceeds 1."""
     batch, time, features = inputs.shape
     start = jnp.zeros((batch, features), inputs.dtype)
-    algebra = _ramps(w)
+    algebra = _ramps(w, growing)
     states, entering = _prefix_states(inputs, start, algebra, block_size,
                                       step=lambda h, u: jnp.maximum(w * h + u, 0))
     last = jnp.maximum(lengths - 1, 0)
@@ -276,7 +287,7 @@ def _from_zero(w: jax.Array, inputs: jax.Array, lengths: jax.Array, block_size: 
     def then_if(prefix, x):  # steps past the last one leave the prefix as it is
         take, u, slope = x
         return jax.tree.map(lambda new, old: jnp.where(take, new, old),
-                            ramps.then_step(prefix, w, u, slope), prefix), None
+                            ramps.then_step(prefix, w, u, slope, growing=growing), prefix), None
 
     for_last, _ = jax.lax.scan(
         then_if, ramps.identity((batch, features), inputs.dtype),
@@ -286,7 +297,7 @@ def _from_zero(w: jax.Array, inputs: jax.Array, lengths: jax.Array, block_size: 
     last_slope = jax.tree.map(lambda x: x[last - first_of_block + 1], slopes)  # (batch, features)
     position = jnp.arange(time)[None, :, None]
     states = jnp.where(position == last[:, None, None],
-                       ramps.evaluate(for_last, last_slope, block_start)[:, None], states)
+                       ramps.evaluate(for_last, last_slope, block_start, growing=growing)[:, None], states)
     return jnp.where(position < lengths[:, None, None], states, 0)
 
 
