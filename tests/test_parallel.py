@@ -24,13 +24,14 @@ def reference(w, inputs, lengths, h0):
     w, inputs, h0 = (np.asarray(a, np.float64) for a in (w, inputs, h0))
     batch, time, features = inputs.shape
     states, magnitudes = np.zeros((batch, time, features)), np.zeros((batch, time, features))
-    for b in range(batch):
-        h, magnitude = h0[b].copy(), np.zeros(features)
-        for t in range(int(lengths[b])):
-            term = np.abs(w * h) + np.abs(inputs[b, t])
-            magnitude = np.maximum(np.abs(w) * magnitude, term)
-            h = np.maximum(0.0, w * h + inputs[b, t])
-            states[b, t], magnitudes[b, t] = h, magnitude
+    with np.errstate(over="ignore"):  # states past the domain; the caller skips those
+        for b in range(batch):
+            h, magnitude = h0[b].copy(), np.zeros(features)
+            for t in range(int(lengths[b])):
+                term = np.abs(w * h) + np.abs(inputs[b, t])
+                magnitude = np.maximum(np.abs(w) * magnitude, term)
+                h = np.maximum(0.0, w * h + inputs[b, t])
+                states[b, t], magnitudes[b, t] = h, magnitude
     return states, magnitudes
 
 
