@@ -299,7 +299,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--input", type=_path, help="a .npy, .csv or .txt file of numbers (count: 0s and 1s)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random sequence (default 0)")
     p.add_argument("--method", choices=METHODS, default="auto",
-                   help="'parallel' sums in tree order: use it from ~1e5 steps on")
+                   help="default auto: the exact parallel scan from 256 steps on a CPU "
+                        "(within 1e-6 of the float64 norm up to 1e8 steps), the loop below")
     p.set_defaults(run=evaluate)
 
     p = commands.add_parser("sweep", help="train many seeds at once: how often does training work?")
