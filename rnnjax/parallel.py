@@ -27,8 +27,9 @@ of the exact (float64) recurrence on the same inputs, where ``K = 8 * (block_siz
 normal number. The last term is the flushing of subnormal numbers to 0, which the loop suffers
 as well (its own error obeys the same bound); it only shows for states within a few orders of
 magnitude of ``tiny`` followed by growth. The first term is a sum of magnitudes along one path
-of the computation, not of all steps: each state is a ramp evaluated at an entering state, itself a ramp of the level above
-evaluated at its own, and so on, and each evaluation rounds once. The slopes ``w^k`` are
+of the computation, not of all steps: each state is a ramp evaluated at an entering state,
+itself a ramp of the level above evaluated at its own, and so on, and each evaluation rounds
+once. The slopes ``w^k`` are
 computed from ``k`` by ``rnnjax.ramps.powers``, each rounded once, so their rounding does not
 compound over the blocks (at ``w = 0.99999``, ``T = 1e5``, float32, ``h_t = w^(t+1)`` is within
 61 eps of exact at every step, the loop's 98). ``tests/test_parallel.py`` checks the bound by
@@ -296,8 +297,8 @@ def _states_from_zero(w, inputs, lengths, *, block_size, growing):
     )
     last_slope = jax.tree.map(lambda x: x[last - first_of_block + 1], slopes)  # (batch, features)
     position = jnp.arange(time)[None, :, None]
-    states = jnp.where(position == last[:, None, None],
-                       ramps.evaluate(for_last, last_slope, block_start, growing=growing)[:, None], states)
+    last_state = ramps.evaluate(for_last, last_slope, block_start, growing=growing)
+    states = jnp.where(position == last[:, None, None], last_state[:, None], states)
     return jnp.where(position < lengths[:, None, None], states, 0)
 
 

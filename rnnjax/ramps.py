@@ -162,7 +162,8 @@ def powers(w: jax.Array, counts: np.ndarray) -> Slope:
 
     def next_bit(carry, take):
         result, result_exponent, base, base_exponent, _ = carry
-        product, product_exponent = normalised(_times(result, base), result_exponent + base_exponent)
+        product, product_exponent = normalised(_times(result, base),
+                                               result_exponent + base_exponent)
         result = tuple(jnp.where(take, new, old) for new, old in zip(product, result))
         result_exponent = jnp.where(take, product_exponent, result_exponent)
         base, base_exponent = normalised(_times(base, base), 2 * base_exponent)
@@ -170,8 +171,8 @@ def powers(w: jax.Array, counts: np.ndarray) -> Slope:
                 slope_of(result, result_exponent)), None
 
     # A loop over the bits, whose result XLA materialises: as unrolled code, fusion copied it
-    # into every consumer, once per element (4x slower training). At least two bits, since a
-    # one-trip loop is inlined.
+    # into every consumer, once per element (4x slower training). The Slope is assembled inside
+    # the loop for the same reason. At least two bits, since a one-trip loop is inlined.
     bits = np.arange(max(2, int(counts.max()).bit_length()))
     takes = (counts[None] >> bits[:, None, None]) & 1 == 1
     initial = (result, jnp.zeros(shape, jnp.int32), base, base_exponent,

@@ -45,7 +45,7 @@ def assert_within_bound(states, w, inputs, lengths, h0, block_size, *, flushes=T
     assert np.isfinite(states).all(), "NaN or inf where the float64 loop is finite"
     info = np.finfo(np.asarray(inputs).dtype)
     k = 8 * (block_size + 16 * levels(inputs.shape[1], block_size))
-    with np.errstate(over="ignore"):  # max_{s<=t} |w|^(t-s), at most the largest |w|
+    with np.errstate(over="ignore"):  # max_{s<=t} |w|^(t-s) <= max(1, max |w|)^(t+1)
         amplification = np.maximum(1.0, np.abs(np.asarray(w, np.float64)).max()) ** np.arange(
             1, inputs.shape[1] + 1)[None, :, None] if flushes else 0.0
     bound = (k * info.eps * magnitudes
