@@ -59,19 +59,6 @@ def test_l1_batch_is_padded_and_labelled():
         np.testing.assert_allclose(target, np.abs(x[:n].astype(np.float64)).sum(), rtol=1e-6)
 
 
-def test_l1_batch_values_are_the_normals_of_its_key():
-    # drawn as one flat run for speed; they must be the numbers of a (batch, time) draw
-    key = jax.random.key(7)
-    batch = l1_batch(key, 6, 9)
-    values = np.asarray(jax.random.normal(jax.random.split(key)[1], (6, 9), jnp.float32))
-    inside = np.arange(9)[None] < np.asarray(batch.lengths)[:, None]
-    chex.assert_trees_all_equal(np.asarray(batch.xs), np.where(inside, values, 0.0))
-    swept = jax.jit(jax.vmap(lambda k: l1_batch(k, 6, 9)))(jax.random.split(key, 50))
-    one = jax.jit(lambda k: l1_batch(k, 6, 9))
-    for i in (0, 17, 49):
-        chex.assert_trees_all_equal(jax.tree.map(lambda a: a[i], swept), one(jax.random.split(key, 50)[i]))
-
-
 def test_numpy_integer_sizes_are_accepted():
     assert l1_batch(jax.random.key(0), np.int64(3), np.int32(4)).xs.shape == (3, 4)
 
