@@ -52,7 +52,7 @@ def _integer(low: int, high: int, what: str):
 
 _positive_int = _integer(1, 2**31 - 1, "a positive integer")
 _count = _integer(0, 2**31 - 1, "an integer >= 0")
-_seed = _integer(0, 2**31 - 1, "a seed in [0, 2**31)")
+_seed = _integer(0, tasks.SEED_LIMIT - 1, "a seed in [0, 2**31)")
 _length = _integer(1, EVAL_MAX_LENGTH, f"a length from 1 to {EVAL_MAX_LENGTH:,}")
 
 
@@ -64,6 +64,22 @@ def _positive_float(text: str) -> float:
     if value is None or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive finite number; received {_quote(text)}")
     return value
+
+
+def _tolerance(text: str) -> float:
+    """A distance to the target weight 1: positive and below 1 (a weight of 0 is never within)."""
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a tolerance in (0, 1); received {_quote(text)}")
+    return value
+
+
+def _all_dead(first_seed: int, count: int) -> str:
+    """Why ``train`` gave up: ``count`` dead inits in a row from ``first_seed``."""
+    seeds = f"seed {first_seed}" if count == 1 else f"{count} seeds in a row from {first_seed}"
+    if first_seed + count < tasks.SEED_LIMIT:
+        return f"{seeds} gave a dead init; try another --seed"
+    return f"{seeds} gave a dead init and no seed is left below 2**31; try a lower --seed"
 
 
 def _quote(text: str, limit: int = 40) -> str:
@@ -206,8 +222,7 @@ def train(args) -> int:
             print(f"rnnjax: interrupted at step {result.steps} ({where}){resume}", file=sys.stderr)
         return 130
     failure = {
-        "dead": f"{len(run.dead_seeds) + 1} seeds in a row from {run.first_seed} gave a dead init; "
-                "try another --seed",
+        "dead": _all_dead(run.first_seed, len(run.dead_seeds) + 1),
         "diverged": f"the run diverged at step {result.steps + 1} (a non-finite loss, gradient or weight); "
                     f"its last finite state, after step {result.steps}, is {where}; try a lower --lr "
                     "or --skip-nonfinite",
@@ -275,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="longest sequence (l1, default 10) or every sequence's length (count, default 5)")
     p.add_argument("--seed", type=_seed,
                    help="first seed to try (default 0); a dead init draws again from the next seed")
-    p.add_argument("--tol", type=_positive_float,
+    p.add_argument("--tol", type=_tolerance,
                    help="stop once W_ih and W_hh (l1-learned: its two slopes and W_hh) are within TOL "
                         "of 1 (default 1e-9: exactly 1.0 in float32, which long sequences need)")
     p.add_argument("--skip-nonfinite", type=_count, metavar="N",
@@ -310,7 +325,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     p.add_argument("--steps", type=_positive_int, help="steps for every seed (default: the recipe's, 3000)")
     p.add_argument("--lr", type=_positive_float, help="Adam's (peak) learning rate (default: the recipe's, 0.1)")
-    p.add_argument("--tol", type=_positive_float, default=1e-3,
+    p.add_argument("--tol", type=_tolerance, default=1e-3,
                    help="a seed converged once W_ih and W_hh (l1-learned: its slopes and W_hh) are "
                         "within TOL of 1 (default 1e-3)")
     p.add_argument("--data-seed", type=_seed,

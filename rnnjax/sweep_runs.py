@@ -36,11 +36,16 @@ _PLANES = {
 
 
 def prepare_sweep_folder(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
-    """Checks ``--out`` before a sweep: a folder (created if missing) that can be written, and
-    that holds no sweep unless ``overwrite``. Returns True when this call created it."""
+    """Checks ``--out`` before a sweep: a folder (created if missing) that can be written, that
+    holds nothing but a sweep's two files, and those only with ``overwrite``. Returns True when
+    this call created it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    strangers = sorted(p.name for p in out.iterdir() if p.name not in (SUMMARY, PICTURE)) if out.is_dir() else []
+    if strangers:  # a training run, or anything else, is not ours to write into
+        raise ValueError(f"--out {out}: holds files that are not a sweep ({strangers[0]!r}); "
+                         "choose another folder")
     held = [name for name in (SUMMARY, PICTURE) if (out / name).exists()]
     if held and not overwrite:
         raise ValueError(f"--out {out}: already holds a sweep ({held[0]}); pass --overwrite to replace it")

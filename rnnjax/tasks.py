@@ -19,7 +19,7 @@ from rnnjax.recurrence import Method
 from rnnjax.sweep import SweepResult, sweep
 from rnnjax.train import FitResult, fit, fit_start, weight_elements
 
-__all__ = ["Task", "TASKS", "DEFAULT_RECIPE", "DEAD_SEED_TRIES", "SLOPE_TOL", "task_settings", "task_start",
+__all__ = ["Task", "TASKS", "DEFAULT_RECIPE", "DEAD_SEED_TRIES", "SEED_LIMIT", "SLOPE_TOL", "task_settings", "task_start",
            "train_task", "train_until_live", "sweep_task", "network_params", "watched", "converged", "l1_check",
            "count_check"]
 
@@ -65,6 +65,9 @@ DEFAULT_RECIPE = "squared"
 # that meet one draw again from the next seed, at most this many times in a row. Of seeds
 # 0-199, 102 are dead and at most 6 come in a row; 20 in a row has odds of about one in a million.
 DEAD_SEED_TRIES = 20
+# Seeds are integers in [0, SEED_LIMIT), as `rnnjax --seed` takes them; a redraw stops below it,
+# so that every seed a run records can be given again.
+SEED_LIMIT = 2**31
 
 
 def task_settings(
@@ -211,19 +214,23 @@ def train_until_live(
       **train_options: ``progress``, ``checkpoint_every``, ``interrupt``, ``devices``.
 
     Returns:
-      ``(seed, result)`` of the last seed tried: its stop_reason is "dead" only when every try was.
+      ``(seed, result)`` of the last seed tried: its stop_reason is "dead" only when every try was
+      (or the seeds ran out: none is drawn from ``SEED_LIMIT`` on).
     """
     if tries < 1:
         raise ValueError(f"tries must be positive; received {tries}")
+    if not 0 <= first_seed < SEED_LIMIT:
+        raise ValueError(f"first_seed must be in [0, 2**31); received {first_seed}")
     settings = settings or task_settings(task)
-    for seed in range(first_seed, first_seed + tries):
+    last = min(first_seed + tries, SEED_LIMIT) - 1
+    for seed in range(first_seed, last + 1):
         checkpoint = None if on_checkpoint is None else functools.partial(on_checkpoint, seed)
         result = _dead_at_init(task, settings, seed) if start is None else None
         if result is None:
             result = train_task(task, seed=seed, settings=settings, start=start, on_checkpoint=checkpoint,
                                 **train_options)
         start = None
-        if result.stop_reason != "dead" or seed == first_seed + tries - 1:
+        if result.stop_reason != "dead" or seed == last:
             break
         if on_dead is not None:
             on_dead(seed, result)

@@ -94,6 +94,22 @@ def test_sweep_writes_its_summary_and_picture(tmp_path, capsys):
         "already holds a sweep (sweep.json); pass --overwrite to replace it")
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_sweep_is_never_written_into_a_run_or_a_foreign_folder(overwrite, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "count", "--steps", "5", "--out", str(run)]) in (0, 1)
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    for out, name in ((run, "checkpoints"), (foreign, "todo.txt")):
+        before = sorted(p.name for p in out.iterdir())
+        capsys.readouterr()
+        assert main(["sweep", "count", "--seeds", "2", "--steps", "5", "--out", str(out), *overwrite]) == 2
+        assert last_error(capsys.readouterr()).endswith(
+            f"holds files that are not a sweep ('{name}'); choose another folder")
+        assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_a_sweep_in_which_no_seed_converges_exits_1(tmp_path, capsys):
     # the notebook recipe at a learning rate that cannot move: half dead, half stuck
     assert main(["sweep", "count", "--recipe", "notebook", "--lr", "1e-9", "--seeds", "6", "--steps", "20",
@@ -110,6 +126,7 @@ def test_a_sweep_in_which_no_seed_converges_exits_1(tmp_path, capsys):
     (["--first-seed", str(2**31 - 2), "--seeds", "5"], r"seeds must lie in \[0, 2\*\*31\)"),
     (["--recipe", "magic"], r"argument --recipe: invalid choice: 'magic'"),
     (["--tol", "0"], r"argument --tol: expected a positive finite number; received '0'$"),
+    (["--tol", "1e10"], r"argument --tol: expected a tolerance in \(0, 1\); received '1e10'$"),
 ])
 def test_sweep_bad_input_is_one_line_and_exit_2(args, match, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -118,3 +135,13 @@ def test_sweep_bad_input_is_one_line_and_exit_2(args, match, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and re.search(match, last_error(captured))
     assert not (tmp_path / "new").exists()  # never an empty folder left behind
+
+
+def test_redrawing_dead_inits_stops_at_the_last_seed_the_cli_takes(capsys):
+    # seed 2**31 - 1 is dead for l1-learned (both dense units face one sign); no seed past it is
+    # drawn, since a run could not record a seed that --seed refuses
+    assert main(["train", "l1-learned", "--seed", str(2**31 - 1), "--steps", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "trying seed" not in captured.out
+    assert last_error(captured) == ("rnnjax: error: seed 2147483647 gave a dead init and no seed is left "
+                                    "below 2**31; try a lower --seed")
