@@ -15,7 +15,9 @@ from rnnjax.sweep import OUTCOMES, SweepResult  # noqa: E402
 
 __all__ = ["plot_sweep"]
 
-_COLORS = {"converged": "tab:green", "dead": "tab:gray", "diverged": "tab:red", "stuck": "tab:orange"}
+_LEFT = "converged, then left"
+_COLORS = {"converged": "tab:green", "dead": "tab:gray", "diverged": "tab:red", "stuck": "tab:orange",
+           _LEFT: "tab:purple"}
 _MAX_POINTS = 5000  # seeds drawn per scatter; more only hide each other
 
 
@@ -28,8 +30,8 @@ def plot_sweep(
     title: str = "",
 ) -> None:
     """Draws, as a PNG into ``file``, each watched weight's distance from the target after the
-    last step against its initial value (one dot per seed, coloured by outcome; the band is
-    ``tol``) and, with ``landscape``, the loss over a plane of
+    last step against its initial value (one dot per seed, coloured by outcome, with the seeds
+    that converged and ended outside the band apart; the band is ``tol``) and, with ``landscape``, the loss over a plane of
     two weights with the tracked seeds' trajectories.
 
     Args:
@@ -46,14 +48,18 @@ def plot_sweep(
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.0), layout="constrained",
                              squeeze=False)
     shown = np.arange(len(result.seeds))[:: max(1, len(result.seeds) // _MAX_POINTS)]
+    # a seed that converged and then left the band again is drawn apart: the dots show where
+    # each seed ended
+    ended_within = np.all([np.abs(v - result.target) <= result.tol for v in result.final_weights.values()], axis=0)
+    drawn = np.where((result.outcome == "converged") & ~ended_within, _LEFT, result.outcome)
     for ax, name in zip(axes[0], names):
-        for outcome in OUTCOMES:
-            pick = shown[result.outcome[shown] == outcome]
+        for outcome in (*OUTCOMES, _LEFT):
+            pick = shown[drawn[shown] == outcome]
             if pick.size:
                 final = result.final_weights[name][pick] - result.target
                 ax.scatter(result.initial_weights[name][pick], final,
                            s=6, alpha=0.6, color=_COLORS[outcome], linewidths=0,
-                           label=f"{outcome} ({np.mean(result.outcome == outcome):.1%})")
+                           label=f"{outcome} ({np.mean(drawn == outcome):.1%})")
         # symlog: exactly on target at 0, float32 ulps near it, failures far out, all visible
         ax.set_yscale("symlog", linthresh=1e-7)
         ax.axhspan(-result.tol, result.tol, color="tab:green", alpha=0.1, linewidth=0)
