@@ -26,7 +26,7 @@ from rnnjax import inputs, runs, sweep_runs, tasks
 from rnnjax.recipes import RECIPES
 from rnnjax.recurrence import METHODS
 from rnnjax.sweep import summarize as sweep_summary
-from rnnjax.train import CONVERGED, STOP_REASONS
+from rnnjax.train import CONVERGED, SEED_LIMIT, STOP_REASONS
 
 __all__ = ["main", "script"]
 
@@ -52,7 +52,7 @@ def _integer(low: int, high: int, what: str):
 
 _positive_int = _integer(1, 2**31 - 1, "a positive integer")
 _count = _integer(0, 2**31 - 1, "an integer >= 0")
-_seed = _integer(0, tasks.SEED_LIMIT - 1, "a seed in [0, 2**31)")
+_seed = _integer(0, SEED_LIMIT - 1, "a seed in [0, 2**31)")
 _length = _integer(1, EVAL_MAX_LENGTH, f"a length from 1 to {EVAL_MAX_LENGTH:,}")
 
 
@@ -77,7 +77,7 @@ def _tolerance(text: str) -> float:
 def _all_dead(first_seed: int, count: int) -> str:
     """Why ``train`` gave up: ``count`` dead inits in a row from ``first_seed``."""
     seeds = f"seed {first_seed}" if count == 1 else f"{count} seeds in a row from {first_seed}"
-    if first_seed + count < tasks.SEED_LIMIT:
+    if first_seed + count < SEED_LIMIT:
         return f"{seeds} gave a dead init; try another --seed"
     return f"{seeds} gave a dead init and no seed is left below 2**31; try a lower --seed"
 

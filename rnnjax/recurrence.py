@@ -231,14 +231,16 @@ def _sequential(cell, params, xs, lengths, initial_state):
 
 @jax.custom_jvp
 def _state_at_last_step(states: jax.Array, lengths: jax.Array) -> jax.Array:
-    """``states[b, lengths[b] - 1]`` (``states[b, 0]`` where the length is 0), ``(batch, features)``."""
+    """``states[b, lengths[b] - 1]`` (``states[b, 0]`` where the length is 0): ``(batch,
+    features)`` from ``(batch, time, features)``."""
     return jnp.take_along_axis(states, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
 
 
 @_state_at_last_step.defjvp
 def _state_at_last_step_jvp(primals, tangents):
     states, lengths = primals
-    at_last = jnp.arange(states.shape[1])[None, :, None] == jnp.maximum(lengths - 1, 0)[:, None, None]
+    last = jnp.maximum(lengths - 1, 0)
+    at_last = jnp.arange(states.shape[1])[None, :, None] == last[:, None, None]
     # The tangent as a masked sum, not a gather: the transpose of a gather is a scatter into a
     # zeroed (batch, time, features) buffer, and that of the sum a select that XLA fuses into
     # its consumer (the training step at T = 1e5, batch 1024: 2.99 GB instead of 3.40 GB).

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from rnnjax.data import Batch
 from rnnjax.devices import device_mesh
-from rnnjax.train import TrainState, init_state, make_train_step, squared_error, weight_elements
+from rnnjax.train import SEED_LIMIT, TrainState, init_state, make_train_step, squared_error, weight_elements
 
 __all__ = ["OUTCOMES", "SweepResult", "sweep", "summarize", "loss_landscape"]
 
@@ -149,10 +149,10 @@ def sweep(
     for name, value in (("seeds", seeds), ("steps", steps), ("chunk", chunk)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; received {value!r}.")
-    if not 0 <= first_seed or first_seed + seeds > 2**31:
+    if not 0 <= first_seed or first_seed + seeds > SEED_LIMIT:
         raise ValueError(f"seeds must lie in [0, 2**31); received {first_seed} to "
                          f"{first_seed + seeds - 1}.")
-    if data_seed is not None and not 0 <= data_seed < 2**31:
+    if data_seed is not None and not 0 <= data_seed < SEED_LIMIT:
         raise ValueError(f"data_seed must lie in [0, 2**31); received {data_seed}.")
     mesh = device_mesh(devices, axis="seeds")
     per_seed, replicated = NamedSharding(mesh, P("seeds")), NamedSharding(mesh, P())

@@ -16,8 +16,8 @@ from rnnjax.sweep import OUTCOMES, SweepResult  # noqa: E402
 __all__ = ["plot_sweep"]
 
 _LEFT = "converged, then left"
-_COLORS = {"converged": "tab:green", "dead": "tab:gray", "diverged": "tab:red", "stuck": "tab:orange",
-           _LEFT: "tab:purple"}
+_COLORS = {"converged": "tab:green", "dead": "tab:gray", "diverged": "tab:red",
+           "stuck": "tab:orange", _LEFT: "tab:purple"}
 _MAX_POINTS = 5000  # seeds drawn per scatter; more only hide each other
 
 
@@ -31,8 +31,8 @@ def plot_sweep(
 ) -> None:
     """Draws, as a PNG into ``file``, each watched weight's distance from the target after the
     last step against its initial value (one dot per seed, coloured by outcome, with the seeds
-    that converged and ended outside the band apart; the band is ``tol``) and, with ``landscape``, the loss over a plane of
-    two weights with the tracked seeds' trajectories.
+    that converged and ended outside the band apart; the band is ``tol``) and, with
+    ``landscape``, the loss over a plane of two weights with the tracked seeds' trajectories.
 
     Args:
       result: what ``sweep`` returned.
@@ -50,7 +50,8 @@ def plot_sweep(
     shown = np.arange(len(result.seeds))[:: max(1, len(result.seeds) // _MAX_POINTS)]
     # a seed that converged and then left the band again is drawn apart: the dots show where
     # each seed ended
-    ended_within = np.all([np.abs(v - result.target) <= result.tol for v in result.final_weights.values()], axis=0)
+    ended_within = np.all([np.abs(v - result.target) <= result.tol
+                           for v in result.final_weights.values()], axis=0)
     drawn = np.where((result.outcome == "converged") & ~ended_within, _LEFT, result.outcome)
     for ax, name in zip(axes[0], names):
         for outcome in (*OUTCOMES, _LEFT):

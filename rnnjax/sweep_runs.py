@@ -42,13 +42,13 @@ def prepare_sweep_folder(out: str | os.PathLike, *, overwrite: bool = False) -> 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
-    strangers = sorted(p.name for p in out.iterdir() if p.name not in (SUMMARY, PICTURE)) if out.is_dir() else []
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    strangers = [name for name in entries if name not in (SUMMARY, PICTURE)]
     if strangers:  # a training run, or anything else, is not ours to write into
         raise ValueError(f"--out {out}: holds files that are not a sweep ({strangers[0]!r}); "
                          "choose another folder")
-    held = [name for name in (SUMMARY, PICTURE) if (out / name).exists()]
-    if held and not overwrite:
-        raise ValueError(f"--out {out}: already holds a sweep ({held[0]}); pass --overwrite to replace it")
+    if entries and not overwrite:
+        raise ValueError(f"--out {out}: already holds a sweep ({entries[0]}); pass --overwrite to replace it")
     return writable_folder(out)
 
 

@@ -17,9 +17,9 @@ from rnnjax.models import L1Norm, L1NormLearned, RunningCount
 from rnnjax.recipes import RECIPES, Recipe
 from rnnjax.recurrence import Method
 from rnnjax.sweep import SweepResult, sweep
-from rnnjax.train import FitResult, fit, fit_start, weight_elements
+from rnnjax.train import SEED_LIMIT, FitResult, fit, fit_start, weight_elements
 
-__all__ = ["Task", "TASKS", "DEFAULT_RECIPE", "DEAD_SEED_TRIES", "SEED_LIMIT", "SLOPE_TOL", "task_settings", "task_start",
+__all__ = ["Task", "TASKS", "DEFAULT_RECIPE", "DEAD_SEED_TRIES", "SLOPE_TOL", "task_settings", "task_start",
            "train_task", "train_until_live", "sweep_task", "network_params", "watched", "converged", "l1_check",
            "count_check"]
 
@@ -65,9 +65,6 @@ DEFAULT_RECIPE = "squared"
 # that meet one draw again from the next seed, at most this many times in a row. Of seeds
 # 0-199, 102 are dead and at most 6 come in a row; 20 in a row has odds of about one in a million.
 DEAD_SEED_TRIES = 20
-# Seeds are integers in [0, SEED_LIMIT), as `rnnjax --seed` takes them; a redraw stops below it,
-# so that every seed a run records can be given again.
-SEED_LIMIT = 2**31
 
 
 def task_settings(
@@ -215,7 +212,8 @@ def train_until_live(
 
     Returns:
       ``(seed, result)`` of the last seed tried: its stop_reason is "dead" only when every try was
-      (or the seeds ran out: none is drawn from ``SEED_LIMIT`` on).
+      (or the seeds ran out: none is drawn from ``SEED_LIMIT`` on, so that every seed a run
+      records can be given again).
     """
     if tries < 1:
         raise ValueError(f"tries must be positive; received {tries}")

@@ -18,7 +18,7 @@ from rnnjax.devices import device_mesh, replicate, shard_leading_axis
 from rnnjax.masking import length_mask
 
 __all__ = ["TrainState", "FitResult", "STOP_REASONS", "CONVERGED", "init_state", "squared_error", "make_train_step",
-           "seed_keys", "fit_start", "fit", "weights_by_path", "weight_elements"]
+           "SEED_LIMIT", "seed_keys", "fit_start", "fit", "weights_by_path", "weight_elements"]
 
 STOP_REASONS = {  # why fit stopped (FitResult.stop_reason), in words
     "weights": "every watched weight within tolerance of the target",
@@ -131,6 +131,10 @@ def make_train_step(
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return step
+
+
+# Seeds are integers in [0, SEED_LIMIT), as `rnnjax --seed` takes them and runs record them.
+SEED_LIMIT = 2**31
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 
+from rnnjax import tasks
 from rnnjax.cli import main
 from rnnjax.sweep import OUTCOMES
 
@@ -145,3 +146,9 @@ def test_redrawing_dead_inits_stops_at_the_last_seed_the_cli_takes(capsys):
     assert "trying seed" not in captured.out
     assert last_error(captured) == ("rnnjax: error: seed 2147483647 gave a dead init and no seed is left "
                                     "below 2**31; try a lower --seed")
+
+
+@pytest.mark.parametrize("first_seed", [-1, 2**31])
+def test_train_until_live_refuses_a_seed_the_cli_would_refuse(first_seed):
+    with pytest.raises(ValueError, match=rf"first_seed must be in \[0, 2\*\*31\); received {first_seed}$"):
+        tasks.train_until_live("count", first_seed=first_seed)
