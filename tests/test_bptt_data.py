@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from rnnjax import bptt, rnn
 from rnnjax.cell import ReLUCell
 from rnnjax.data import count_batch, l1_batch
+from rnnjax.models import L1Norm
 
 
 def autodiff_loss(w_ih, w_hh, xs, targets, lengths):
@@ -57,6 +58,35 @@ def test_l1_batch_is_padded_and_labelled():
     for x, n, target in zip(xs, lengths, np.asarray(batch.targets)):
         assert np.all(x[n:] == 0) and np.all(x[:n] != 0)
         np.testing.assert_allclose(target, np.abs(x[:n].astype(np.float64)).sum(), rtol=1e-6)
+
+
+def test_l1_batch_values_are_the_normals_of_its_key():
+    # drawn as one flat run for speed; they must be the numbers of a (batch, time) draw
+    key = jax.random.key(7)
+    batch = l1_batch(key, 6, 9)
+    values = np.asarray(jax.random.normal(jax.random.split(key)[1], (6, 9), jnp.float32))
+    inside = np.arange(9)[None] < np.asarray(batch.lengths)[:, None]
+    chex.assert_trees_all_equal(np.asarray(batch.xs), np.where(inside, values, 0.0))
+
+
+@pytest.mark.parametrize("max_length", [1, 10, 17, 300])
+def test_l1_targets_are_a_left_fold_in_every_program(max_length):
+    # Summed ((|x_0| + |x_1|) + |x_2|) + ... in float32, in whatever program draws them: eagerly,
+    # jitted, vmapped over seeds; and the network with both weights 1 sums in that order too.
+    keys = jax.random.split(jax.random.key(11), 40)
+    swept = jax.jit(jax.vmap(lambda k: l1_batch(k, 8, max_length)))(keys)
+    for i in (0, 13, 39):
+        batch = l1_batch(keys[i], 8, max_length)
+        folded = np.zeros(8, np.float32)
+        for column in np.abs(np.asarray(batch.xs)).T:
+            folded = folded + column
+        chex.assert_trees_all_equal(np.asarray(batch.targets), folded)
+        chex.assert_trees_all_equal(jax.tree.map(lambda a: a[i], swept), batch)
+        chex.assert_trees_all_equal(jax.jit(l1_batch, static_argnums=(1, 2))(keys[i], 8, max_length),
+                                    batch)
+        model = L1Norm(method="sequential")
+        ones = {"params": {"cell": {"W_ih": jnp.ones((1, 1)), "W_hh": jnp.ones((1, 1))}}}
+        chex.assert_trees_all_equal(model.apply(ones, batch.xs, batch.lengths), batch.targets)
 
 
 def test_numpy_integer_sizes_are_accepted():
