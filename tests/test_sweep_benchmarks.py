@@ -18,8 +18,10 @@ def test_rates_and_speed_write_json_markdown_and_plots(tmp_path, capsys):
     assert "| count | squared-fixed-batch | 0.001 |" in (tmp_path / "rates.md").read_text()
     assert (tmp_path / "count-squared.png").read_bytes()[:4] == b"\x89PNG"
     sweeps.main(["speed", "--task", "count", "--seeds", "4", "--fit-seeds", "2", "--steps", "20",
-                 "--out", str(tmp_path), "--quiet"])
+                 "--sweep-repeats", "2", "--out", str(tmp_path), "--quiet"])
     speed = json.loads((tmp_path / "speed.json").read_text())
     assert [c["steps"] for c in speed["fit"]["calls"]] == [20, 20] and speed["sweep"]["seeds"] == 4
+    walls = sorted(r["wall_seconds"] for r in speed["sweep"]["repeats"])
+    assert len(walls) == 2 and speed["sweep"]["wall_seconds"] == (walls[0] + walls[1]) / 2
     assert speed["ratio_per_seed"]["fit_median_over_sweep"] > 0
     assert "Per seed, the sweep is" in (tmp_path / "speed.md").read_text()
