@@ -86,6 +86,11 @@ def describe(task: str, result: SweepResult) -> dict:
     summary = summarize(result)
     summary["exactly_1_at_end"] = float(np.mean(np.all(
         [w == result.target for w in result.final_weights.values()], axis=0)))
+    if "cell/W_hh" in result.final_weights:  # where the runs that stop short end
+        stuck = result.outcome == "stuck"
+        summary["stuck_with_W_hh_below_0"] = int((stuck & (result.final_weights["cell/W_hh"] < 0)).sum())
+    summary["converged_then_left"] = int(((result.outcome == "converged") & ~np.all(
+        [np.abs(w - result.target) < result.tol for w in result.final_weights.values()], axis=0)).sum())
     if task == "l1-learned":
         initial = result.initial_weights
         both_ways = (initial["slope_pos"] > 0) & (initial["slope_neg"] > 0)

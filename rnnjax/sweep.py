@@ -106,9 +106,9 @@ def sweep(
 ) -> SweepResult:
     """Trains one model per seed, all at once, for ``steps`` steps each.
 
-    Seed ``s`` draws its init and its batches as ``fit(seed=s)`` does (the batches to float32
-    rounding: XLA may fuse their drawing into the step differently), so each row of the result
-    is that ``fit`` run, trained on to the end rather than stopped. The seeds are split evenly over
+    Seed ``s`` draws its init and its batches as ``fit(seed=s)`` does, bit for bit, so each row
+    of the result is that ``fit`` run (to float32 rounding: XLA may order a sum over the batch
+    differently in the vmapped step), trained on to the end rather than stopped. The seeds are split evenly over
     ``devices`` devices (padded with extra seeds whose results are dropped).
 
     Args:

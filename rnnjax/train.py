@@ -184,7 +184,7 @@ def _program(model, optimizer, draw, target_weight, skip_nonfinite, watch, fresh
         source = lambda data, seed: seed_keys(seed)[1]  # noqa: E731
         batch_at = lambda source, i: shard(drawn(source, i))  # noqa: E731
 
-    @jax.jit  # the batch is drawn apart: fused into the step, its float32 rounding would change
+    @jax.jit  # the batch is drawn by a program of its own, so no fusion into the step can move it
     def step(state, batch):
         new, metrics = train_step(state, batch)
         loss = _loss(model, new.params, batch)

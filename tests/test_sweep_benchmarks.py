@@ -15,6 +15,9 @@ def test_rates_and_speed_write_json_markdown_and_plots(tmp_path, capsys):
     report = json.loads((tmp_path / "rates.json").read_text())
     assert [r["recipe"] for r in report["rows"]] == ["squared", "squared-fixed-batch"]
     assert all(r["seeds"] == 4 and r["steps"] == 20 for r in report["rows"])
+    for row in report["rows"]:  # where the runs that stop short end, for SWEEPS.md's analysis
+        assert 0 <= row["stuck_with_W_hh_below_0"] <= row["counts"]["stuck"]
+        assert 0 <= row["converged_then_left"] <= row["counts"]["converged"]
     assert "| count | squared-fixed-batch | 0.001 |" in (tmp_path / "rates.md").read_text()
     assert (tmp_path / "count-squared.png").read_bytes()[:4] == b"\x89PNG"
     sweeps.main(["speed", "--task", "count", "--seeds", "4", "--fit-seeds", "2", "--steps", "20",
