@@ -71,10 +71,10 @@ def _sum_over_time(values: jax.Array) -> jax.Array:
     is the program's, and it is the order the network sums in: ``L1Norm`` with both weights 1
     reproduces these targets bit for bit.
     """
-    steps = values.shape[1]
+    # Rolled, not unrolled: XLA fuses the drawing of the values into unrolled adds, computing
+    # it again there, and a 1,000-seed sweep trained 1.15x slower (4.4x with one shared batch).
     total, _ = jax.lax.scan(lambda total, column: (total + column, None),
-                            jnp.zeros(values.shape[:1], values.dtype), values.T,
-                            unroll=min(steps, 16))
+                            jnp.zeros(values.shape[:1], values.dtype), values.T)
     return total
 
 
