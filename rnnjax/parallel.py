@@ -61,13 +61,16 @@ passes the largest float.
 
 The derivative is a ``custom_jvp``: the tangent obeys the linear recurrence
 ``dh_t = J_t dh_{t-1} + [z_t > 0] (dw h_{t-1} + du_t)`` with ``J_t = w [z_t > 0]``, solved by the
-same blocked method on affine maps ``y -> a*y + b``, whose ``a`` over a span is ``w^k`` from
-``rnnjax.ramps.powers`` again (where every step of it fired; 0 otherwise), so gradients do not
-compound the rounding of ``w^k`` either. JAX transposes it for reverse mode, and differentiates
-it again for second derivatives (``jax.hessian``, grad of grad), so every order of derivative is
-the sequential loop's, within rounding. One limit: ``a`` is a plain float, clamped to
-``[-M, M]``, so a tangent ``a * y`` with ``|w|^k`` past ``M`` and a tiny ``y`` is too small
-where the loop's forward mode is finite (reverse mode overflows in both).
+same blocked method on affine maps ``y -> a*y + b``, whose ``a`` over a span is ``w^k`` as a
+``Slope`` from ``rnnjax.ramps.powers`` again (where every step of it fired; 0 otherwise), so
+gradients do not compound the rounding of ``w^k`` either, and ``a*y`` overflows or underflows
+only where the exact product does (a tiny tangent carried through a span with ``|w|^k > M`` is
+exact, as in the loop). JAX transposes it for reverse mode, and differentiates it again for
+second derivatives (``jax.hessian``, grad of grad), so every order of derivative is the
+sequential loop's, within rounding. One limit: the derivative of ``w^k`` itself, which only
+second derivatives use, is a float product of the steps' ``J_t`` clamped to ``[-M, M]``; with
+``|w|^k`` past ``M`` its term is lost where forward-over-forward mode is finite in the loop
+(reverse mode, and so ``jax.hessian``, overflows there in both).
 """
 
 from __future__ import annotations
@@ -208,34 +211,56 @@ def _prefix_states(
     return _from_blocks(states, n), entering
 
 
+@jax.custom_jvp
+def _scaled(a: jax.Array, fired: jax.Array, slope: ramps.Slope, y: jax.Array) -> jax.Array:
+    """``a * y`` for the ``a`` of a span's affine map: ``slope`` (``w**k``, of any magnitude)
+    where every step of the span fired and 0 elsewhere, rounded once. The float ``a``, a product
+    of the steps' ``J_t``, carries only the derivative of ``w**k`` (for second derivatives)."""
+    return jnp.where(fired, ramps.multiply(y, slope), 0)
+
+
+@_scaled.defjvp
+def _scaled_jvp(primals, tangents):
+    a, fired, slope, y = primals
+    da, _, _, dy = tangents
+    return _scaled(a, fired, slope, y), _scaled(a, fired, slope, dy) + da * y
+
+
 def _affine(w: jax.Array) -> _Algebra:
     """Affine maps ``y -> a*y + b`` of the tangent recurrence ``y_t = J_t y_{t-1} + d_t``,
-    ``J_t = w`` where step ``t`` fired and 0 elsewhere; elements are the pairs ``(J_t, d_t)``.
+    ``J_t = w`` where step ``t`` fired and 0 elsewhere. Elements are the pairs ``(J_t, d_t)``;
+    maps of spans are ``(a, b, fired)``.
 
-    A span's ``a`` is ``w**k`` if all its ``k`` steps fired, else 0. Its value is taken from
-    ``rnnjax.ramps.powers`` (rounded once, so its rounding does not compound over the blocks);
-    its derivative, for second derivatives, from the product of the ``J_t``, which is the same
-    function of ``w`` and differentiable.
+    A span's ``a`` is ``w**k`` if all its ``k`` steps fired, else 0. It is applied as the
+    ``Slope`` from ``rnnjax.ramps.powers`` (rounded once, so its rounding does not compound over
+    the blocks, and of any magnitude, so ``a*y`` overflows or underflows only where the exact
+    product does), where the span's ``fired`` says every step fired (``_scaled``).
     """
     largest = jnp.finfo(w.dtype).max
 
-    def then(first, second, slopes):
-        (a1, b1), (a2, b2) = first, second
-        product = jnp.clip(a1 * a2, -largest, largest)
-        exact = jnp.where(product == 0, 0, slopes[2])  # the span's w**k if every step fired
-        a = jax.lax.stop_gradient(exact) + (product - jax.lax.stop_gradient(product))
-        return a, a2 * b1 + b2
+    def compose(first, second, slopes):
+        (a1, b1, fired1), (a2, b2, fired2) = first, second
+        a = jnp.clip(a1 * a2, -largest, largest)  # only its derivative is used
+        return a, _scaled(a2, fired2, slopes[1], b1) + b2, fired1 & fired2
 
-    def powers(counts):
-        slope = ramps.powers(jax.lax.stop_gradient(w), counts)
-        return jnp.clip(ramps.multiply(jnp.ones_like(slope.lead), slope), -largest, largest)
+    def then(first, element, slopes):
+        (a, b, fired), (jacobian, drive) = first, element
+        # One step's a is J_t itself, exact. J_t != 0 is "step t fired" but where w == 0, whose
+        # w**k are exactly 0 anyway.
+        a = jnp.clip(a * jacobian, -largest, largest)
+        return a, jacobian * b + drive, fired & (jacobian != 0)
+
+    def evaluate(affine, slope, y):
+        a, b, fired = affine
+        return _scaled(a, fired, slope, y) + b
 
     return _Algebra(
-        identity=lambda shape, dtype: (jnp.ones(shape, dtype), jnp.zeros(shape, dtype)),
+        identity=lambda shape, dtype: (jnp.ones(shape, dtype), jnp.zeros(shape, dtype),
+                                       jnp.ones(shape, bool)),
         then=then,
-        compose=then,
-        evaluate=lambda affine, slopes, y: affine[0] * y + affine[1],
-        powers=powers,
+        compose=compose,
+        evaluate=evaluate,
+        powers=lambda counts: ramps.powers(jax.lax.stop_gradient(w), counts),
     )
 
 

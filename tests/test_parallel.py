@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 
 from rnnjax import L1Norm, ReLUCell, rnn
 from rnnjax.parallel import default_block_size, levels, relu_scan
@@ -146,6 +146,55 @@ def test_tiny_states_grow_exactly_through_spans_whose_slope_passes_the_float_max
         states = _scan(jnp.asarray(w), jnp.asarray(inputs), jnp.asarray(lengths), jnp.asarray(h0),
                        block_size=size)
         assert_within_bound(states, w, inputs, lengths, h0, size, flushes=False)
+
+
+def reference_tangent(w, inputs, dw, dinputs):
+    """Float64 states and forward-mode tangents of h_t = max(0, w h_{t-1} + u_t) from h = 0:
+    dh_t = [w h_{t-1} + u_t > 0] (dw h_{t-1} + w dh_{t-1} + du_t); one sequence, one feature."""
+    h = dh = 0.0
+    w, dw = float(w), float(dw)
+    tangents = []
+    for u, du in zip(np.asarray(inputs, np.float64), np.asarray(dinputs, np.float64)):
+        fired = w * h + u > 0
+        dh = dw * h + w * dh + du if fired else 0.0
+        h = max(w * h + u, 0.0)
+        tangents.append(dh)
+    return np.array(tangents)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype_and_w=st.sampled_from([(np.float32, w) for w in (1.1, 1.3, 1.5, 2.0, 3.0)]
+                                + [(np.float64, 3.0)]),  # |w|**k passes the max within 1024 steps
+    before=st.floats(0, 1),
+    after=st.floats(0, 1),
+    size=st.floats(0, 1),
+)
+def test_forward_mode_through_spans_whose_slope_passes_the_float_max(dtype_and_w, before, after, size):
+    """One tiny input a few steps ahead of the second upper block (step 1024), then growth by
+    w**k past the dtype's largest number within that block, to a final state below 1e25: the
+    tangent entering the block is tiny and w**k huge (before: w**k was clamped to the largest
+    number, and jvp came out 2.2% low at w = 1.1, T = 2000, one input 1e-30)."""
+    dtype, w = dtype_and_w
+    double, info = dtype == np.float64, np.finfo(dtype)
+    smallest = np.log10(16 * float(info.tiny))  # of the input
+    past_max = int(np.ceil(np.log10(float(info.max)) / np.log10(w)))  # |w|**k > max from here
+    growth = int((25 - smallest) / np.log10(w))  # steps from the smallest input to 1e25
+    before = 1 + int(before * min(63, growth - past_max - 2))  # steps ahead of step 1024
+    after = 1 + int(after * (growth - past_max - before - 1))  # steps past the overflow
+    time, position = 1024 + past_max + after, 1024 - before
+    log_scale = smallest + size * (25 - (time - position) * np.log10(w) - smallest)
+    scale = 10.0**log_scale
+    inputs = np.zeros(time, dtype)
+    inputs[position] = scale
+    expected = reference_tangent(dtype(w), inputs, 1.0, inputs)
+    with jax.enable_x64(double):
+        scan = lambda w, inputs: _scan(w, inputs, jnp.array([time]), jnp.zeros((1, 1), dtype))  # noqa: E731
+        args = jnp.full(1, w, dtype), jnp.asarray(inputs)[None, :, None]
+        _, tangent = jax.jvp(scan, args, (jnp.ones(1, dtype), args[1]))
+    error = np.abs(np.asarray(tangent[0, :, 0], np.float64) - expected)
+    # the loop's own rounding: a few eps per step, over at most 2,300 steps
+    assert (error <= 2**12 * info.eps * np.abs(expected)).all(), f"{error.max():.3g} at {error.argmax()}"
 
 
 @pytest.mark.parametrize("dtype, w, time", [
