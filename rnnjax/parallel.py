@@ -211,19 +211,12 @@ def _prefix_states(
     return _from_blocks(states, n), entering
 
 
-@jax.custom_jvp
 def _scaled(a: jax.Array, fired: jax.Array, slope: ramps.Slope, y: jax.Array) -> jax.Array:
     """``a * y`` for the ``a`` of a span's affine map: ``slope`` (``w**k``, of any magnitude)
     where every step of the span fired and 0 elsewhere, rounded once. The float ``a``, a product
-    of the steps' ``J_t``, carries only the derivative of ``w**k`` (for second derivatives)."""
-    return jnp.where(fired, ramps.multiply(y, slope), 0)
-
-
-@_scaled.defjvp
-def _scaled_jvp(primals, tangents):
-    a, fired, slope, y = primals
-    da, _, _, dy = tangents
-    return _scaled(a, fired, slope, y), _scaled(a, fired, slope, dy) + da * y
+    of the steps' ``J_t``, adds its derivative only (0 in value: where ``y`` is finite, and where
+    it is not the loop's tangent is not finite either; where a step did not fire, 0 as the loop's)."""
+    return jnp.where(fired, ramps.multiply(y, slope) + (a - jax.lax.stop_gradient(a)) * y, 0)
 
 
 def _affine(w: jax.Array) -> _Algebra:
