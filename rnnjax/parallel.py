@@ -275,11 +275,14 @@ def _ramps(w: jax.Array, growing: bool) -> _Algebra:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _from_zero(w: jax.Array, inputs: jax.Array, lengths: jax.Array, block_size: int) -> jax.Array:
-    """States of ``h_t = max(0, w*h_{t-1} + inputs_t)`` from ``h_{-1} = 0``, zero past lengths.
+    """``(final_state, states)`` of ``h_t = max(0, w*h_{t-1} + inputs_t)`` from ``h_{-1} = 0``:
+    the state after step ``lengths - 1`` (0 where the length is 0), and every state, zero past
+    the lengths.
 
     Each block re-runs the loop's own steps from its exact entering state; the last state of
-    each sequence is computed again by evaluating its block's prefix ramp there, which rounds
-    once at that magnitude instead of once a step (what keeps a 1e8-step L1 norm exact).
+    each sequence is computed apart, by evaluating its block's prefix ramp at the block's
+    entering state, which rounds once at that magnitude instead of once a step (what keeps a
+    1e8-step L1 norm exact), and needs no block's second run.
     """
     # The work for positions between 0 and tiny is needed only where a slope exceeds 1.
     return jax.lax.cond(
@@ -317,14 +320,15 @@ def _states_from_zero(w, inputs, lengths, *, block_size, growing):
     position = jnp.arange(time)[None, :, None]
     last_state = ramps.evaluate(for_last, last_slope, block_start, growing=growing)
     states = jnp.where(position == last[:, None, None], last_state[:, None], states)
-    return jnp.where(position < lengths[:, None, None], states, 0)
+    return (jnp.where(lengths[:, None] > 0, last_state, 0),
+            jnp.where(position < lengths[:, None, None], states, 0))
 
 
 @_from_zero.defjvp
 def _from_zero_jvp(block_size, primals, tangents):
     w, inputs, lengths = primals
     dw, dinputs, _ = tangents
-    states = _from_zero(w, inputs, lengths, block_size)
+    final_state, states = _from_zero(w, inputs, lengths, block_size)
     previous = jnp.concatenate([jnp.zeros_like(states[:, :1]), states[:, :-1]], axis=1)
     # The ReLU's derivative is 1 where it fired (strictly, as jax.nn.relu's) and 0 elsewhere,
     # past each length included, so tangents there are 0 like the states.
@@ -334,7 +338,13 @@ def _from_zero_jvp(block_size, primals, tangents):
     start = jnp.zeros_like(states[:, 0])
     dstates, _ = _prefix_states((jacobians, drive), start, _affine(w), block_size,
                                 step=lambda y, e: e[0] * y + e[1])
-    return states, dstates
+    # The final state's tangent as a masked sum, not a gather: the transpose of a gather is a
+    # scatter into a zeroed (batch, time, features) buffer, and that of the sum a select that
+    # XLA fuses into its consumer (the training step at T = 1e5, batch 1024: 2.99 GB, not 3.40).
+    at_last = ((jnp.arange(inputs.shape[1]) == jnp.maximum(lengths - 1, 0)[:, None])
+               & (lengths[:, None] > 0))
+    dfinal_state = jnp.sum(jnp.where(at_last[..., None], dstates, 0), axis=1)
+    return (final_state, states), (dfinal_state, dstates)
 
 
 def relu_scan(
@@ -358,13 +368,19 @@ def relu_scan(
       block_size: steps per block; None takes ``default_block_size(time)``.
 
     Returns:
-      The state after every step, ``(batch, time, features)``, zero from ``lengths`` on.
+      ``(final_state, states)``, as ``rnnjax.rnn`` returns them: ``final_state`` ``(batch,
+      features)``, the state after step ``lengths[b] - 1`` (``h0`` where the length is 0), and
+      ``states`` ``(batch, time, features)``, the state after every step, zero from ``lengths``
+      on. The final state does not need ``states``: where they are not used, ``jit`` leaves out
+      the work that forms them (the blocks' second run), and the forward pass reads the inputs
+      once.
 
     Example:
       >>> import jax.numpy as jnp
       >>> inputs = jnp.array([[[3.0], [-5.0], [7.0], [2.0]]])
-      >>> relu_scan(jnp.ones(1), inputs, jnp.array([3]), jnp.zeros((1, 1)))[0, :, 0]
-      Array([3., 0., 7., 0.], dtype=float32)
+      >>> final_state, states = relu_scan(jnp.ones(1), inputs, jnp.array([3]), jnp.zeros((1, 1)))
+      >>> final_state[:, 0], states[0, :, 0]
+      (Array([7.], dtype=float32), Array([3., 0., 7., 0.], dtype=float32))
     """
     time = inputs.shape[1]
     size = default_block_size(time) if block_size is None else block_size
@@ -372,7 +388,8 @@ def relu_scan(
         raise ValueError(f"block_size must be a positive integer; received {block_size!r}.")
     # The first step sees w*h0 + u_0 (summed as the loop sums it), so the scan starts from 0.
     inputs = inputs.at[:, 0].set(inputs[:, 0] + h0 * w)
-    return _from_zero(w, inputs, lengths, size)
+    final_state, states = _from_zero(w, inputs, lengths, size)
+    return jnp.where(lengths[:, None] > 0, final_state, h0), states
 
 
 def levels(time: int, block_size: int) -> int:

@@ -87,10 +87,14 @@ def test_parallel_is_finite_and_within_its_bound_over_the_domain(
     w, inputs, lengths, h0 = draw(rng, dtype, 3, time, 2, 10.0**log_input, magnitude)
     size = default_block_size(time) if block_size is None else block_size
     with jax.enable_x64(double):
-        states = _scan(jnp.asarray(w), jnp.asarray(inputs), jnp.asarray(lengths), jnp.asarray(h0),
-                       block_size=size)
-        assert states.dtype == dtype
+        final_state, states = _scan(jnp.asarray(w), jnp.asarray(inputs), jnp.asarray(lengths),
+                                    jnp.asarray(h0), block_size=size)
+        assert states.dtype == final_state.dtype == dtype
         assert_within_bound(states, w, inputs, lengths, h0, size)
+        # The final state is the state after step lengths - 1, bit for bit; h0 at length 0.
+        at_last = np.asarray(states)[np.arange(len(lengths)), np.maximum(lengths - 1, 0)]
+        chex.assert_trees_all_equal(np.asarray(final_state),
+                                    np.where(lengths[:, None] > 0, at_last, h0))
 
 
 @pytest.mark.parametrize(
@@ -116,8 +120,8 @@ def test_the_audits_cases_are_finite_and_exact(w, time, scale, batch, double):
     lengths, h0 = np.full(batch, time), np.zeros((batch, 1), dtype)
     with jax.enable_x64(double):
         size = default_block_size(time)
-        states = _scan(jnp.full(1, w, dtype), jnp.asarray(inputs), jnp.asarray(lengths),
-                       jnp.asarray(h0), block_size=size)
+        _, states = _scan(jnp.full(1, w, dtype), jnp.asarray(inputs), jnp.asarray(lengths),
+                          jnp.asarray(h0), block_size=size)
         assert_within_bound(states, np.full(1, w, dtype), inputs, lengths, h0, size)
 
 
@@ -143,8 +147,8 @@ def test_tiny_states_grow_exactly_through_spans_whose_slope_passes_the_float_max
     lengths, h0 = np.array([time]), np.zeros((1, 1), dtype)
     size = default_block_size(time) if block_size is None else min(block_size, time)
     with jax.enable_x64(double):
-        states = _scan(jnp.asarray(w), jnp.asarray(inputs), jnp.asarray(lengths), jnp.asarray(h0),
-                       block_size=size)
+        _, states = _scan(jnp.asarray(w), jnp.asarray(inputs), jnp.asarray(lengths), jnp.asarray(h0),
+                          block_size=size)
         assert_within_bound(states, w, inputs, lengths, h0, size, flushes=False)
 
 
@@ -189,7 +193,7 @@ def test_forward_mode_through_spans_whose_slope_passes_the_float_max(dtype_and_w
     inputs[position] = scale
     expected = reference_tangent(dtype(w), inputs, 1.0, inputs)
     with jax.enable_x64(double):
-        scan = lambda w, inputs: _scan(w, inputs, jnp.array([time]), jnp.zeros((1, 1), dtype))  # noqa: E731
+        scan = lambda w, inputs: _scan(w, inputs, jnp.array([time]), jnp.zeros((1, 1), dtype))[1]  # noqa: E731
         args = jnp.full(1, w, dtype), jnp.asarray(inputs)[None, :, None]
         _, tangent = jax.jvp(scan, args, (jnp.ones(1, dtype), args[1]))
     error = np.abs(np.asarray(tangent[0, :, 0], np.float64) - expected)
@@ -206,8 +210,8 @@ def test_slopes_near_one_do_not_compound_their_rounding_over_blocks(dtype, w, ti
     """h_t = w**(t + 1) from h0 = 1: within a few eps of the exact power at every step (before:
     every block reused one rounded w**C, 5,331 eps off at w = 0.99999, T = 1e5; the loop 98)."""
     with jax.enable_x64(dtype == np.float64):
-        states = _scan(jnp.full(1, w, dtype), jnp.zeros((1, time, 1), dtype),
-                       jnp.array([time]), jnp.ones((1, 1), dtype))
+        _, states = _scan(jnp.full(1, w, dtype), jnp.zeros((1, time, 1), dtype),
+                          jnp.array([time]), jnp.ones((1, 1), dtype))
         exact = np.power(np.longdouble(dtype(w)), np.arange(1, time + 1, dtype=np.longdouble))
         error = np.abs(np.asarray(states[0, :, 0], np.longdouble) - exact) / exact
         assert error.max() <= 64 * np.finfo(dtype).eps
@@ -255,8 +259,8 @@ def test_states_near_the_smallest_normal_number_stay_finite_and_bounded(
     lengths, h0 = np.full(4, time), np.zeros((4, 1), dtype)
     size = default_block_size(time) if block_size is None else block_size
     with jax.enable_x64(double):
-        states = _scan(jnp.full(1, w, dtype), jnp.asarray(inputs), jnp.asarray(lengths),
-                       jnp.asarray(h0), block_size=size)
+        _, states = _scan(jnp.full(1, w, dtype), jnp.asarray(inputs), jnp.asarray(lengths),
+                          jnp.asarray(h0), block_size=size)
         assert_within_bound(states, np.full(1, w, dtype), inputs, lengths, h0, size)
 
 
@@ -272,10 +276,10 @@ def test_kinks_closer_to_zero_than_tiny_keep_their_place(dtype):
     inputs[1, 63, 0] = tiny
     inputs[1, 65::2, 0] = -8 * tiny
     with jax.enable_x64(dtype == np.float64):
-        first = _scan(jnp.full(1, 2.0, dtype), jnp.asarray(inputs[:1]), jnp.array([200]),
-                      jnp.zeros((1, 1), dtype), block_size=64)
-        second = _scan(jnp.full(1, 3.0, dtype), jnp.asarray(inputs[1:]), jnp.array([320]),
-                       jnp.zeros((1, 1), dtype), block_size=64)
+        _, first = _scan(jnp.full(1, 2.0, dtype), jnp.asarray(inputs[:1]), jnp.array([200]),
+                         jnp.zeros((1, 1), dtype), block_size=64)
+        _, second = _scan(jnp.full(1, 3.0, dtype), jnp.asarray(inputs[1:]), jnp.array([320]),
+                          jnp.zeros((1, 1), dtype), block_size=64)
     exact = 18.5 * tiny * 2.0 ** np.arange(136)
     np.testing.assert_allclose(np.asarray(first[0, 64:200, 0], np.float64), exact, rtol=1e-6)
     cycle = np.where(np.arange(63, 320) % 2 == 1, tiny, 3 * tiny)
@@ -284,8 +288,8 @@ def test_kinks_closer_to_zero_than_tiny_keep_their_place(dtype):
 
 @pytest.mark.parametrize("block_size", [1, 2, 64])
 def test_tiny_negative_weights_pick_the_right_bound(block_size):
-    states = relu_scan(jnp.full(1, -1e-20), jnp.ones((1, 2, 1)), jnp.array([2]), jnp.zeros((1, 1)),
-                       block_size=block_size)
+    _, states = relu_scan(jnp.full(1, -1e-20), jnp.ones((1, 2, 1)), jnp.array([2]), jnp.zeros((1, 1)),
+                          block_size=block_size)
     chex.assert_trees_all_equal(states[0, :, 0], jnp.ones(2))
 
 
