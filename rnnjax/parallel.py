@@ -108,22 +108,26 @@ def default_block_size(time: int, backend: str | None = None) -> int:
 
 
 def _to_blocks(tree: Any, size: int, fill: Any) -> Any:
-    """``(batch, n, features)`` leaves -> ``(size, batch, blocks, features)``; the last block is
-    padded with the leaves of ``fill`` (padding only feeds states that are cut off)."""
+    """``(batch, n)`` leaves -> ``(size, batch * blocks)``; the last block is padded with the
+    leaves of ``fill`` (padding only feeds states that are cut off).
+
+    The blocks of every sequence lie along one axis: the loops' work is then one-dimensional,
+    which XLA compiles to plain vector code on a CPU (with a third axis, even of size 1, a
+    block's step at T = 1e6, batch 8, took 1.6x as long; ``benchmarks/NOTES.md``)."""
 
     def block(x, value):
-        batch, n, features = x.shape
+        batch, n = x.shape
         blocks = -(-n // size)
-        x = jnp.pad(x, ((0, 0), (0, blocks * size - n), (0, 0)), constant_values=value)
-        return x.reshape(batch, blocks, size, features).transpose(2, 0, 1, 3)
+        x = jnp.pad(x, ((0, 0), (0, blocks * size - n)), constant_values=value)
+        return x.reshape(batch, blocks, size).transpose(2, 0, 1).reshape(size, batch * blocks)
 
     return jax.tree.map(block, tree, fill)
 
 
-def _from_blocks(x: jax.Array, n: int) -> jax.Array:
-    """``(size, batch, blocks, features)`` -> ``(batch, n, features)``."""
-    size, batch, blocks, features = x.shape
-    return x.transpose(1, 2, 0, 3).reshape(batch, blocks * size, features)[:, :n]
+def _from_blocks(x: jax.Array, batch: int, n: int) -> jax.Array:
+    """``(size, batch * blocks)`` -> ``(batch, n)``."""
+    size = x.shape[0]
+    return x.reshape(size, batch, -1).transpose(1, 2, 0).reshape(batch, -1)[:, :n]
 
 
 class _Algebra(NamedTuple):
@@ -157,9 +161,9 @@ def _prefix_states(
     """Returns ``h_k = e_k(h_{k-1})`` for ``k < n``, with ``h_{-1} = start``, in blocks.
 
     Args:
-      elements: a pytree of ``(batch, n, features)`` arrays, one element per position: steps,
-        or (``maps``) maps of ``span`` steps each.
-      start: ``(batch, features)``, the state before the first element.
+      elements: a pytree of ``(batch, n)`` arrays, one element per position: steps, or
+        (``maps``) maps of ``span`` steps each.
+      start: ``(batch,)``, the state before the first element.
       algebra: the maps that spans of elements form.
       size: elements per block at this level.
       span: steps per element.
@@ -169,10 +173,11 @@ def _prefix_states(
         evaluating each prefix map there (one rounding at the entering state's magnitude).
 
     Returns:
-      ``(states, entering)``: ``states`` ``(batch, n, features)``, and ``entering``
-      ``(batch, blocks, features)``, the state before each block of ``size`` elements.
+      ``(states, entering)``: ``states`` ``(batch, n)``, and ``entering`` ``(batch, blocks)``,
+      the state before each block of ``size`` elements.
     """
-    n = jax.tree.leaves(elements)[0].shape[1]
+    batch, n = jax.tree.leaves(elements)[0].shape
+    blocks_per_sequence = -(-n // size)
     then = algebra.compose if maps else algebra.then
     # The last block is padded with zero elements at the first level and identity maps above
     # it; either way the padding only feeds states that are cut off.
@@ -193,22 +198,25 @@ def _prefix_states(
         before, after = (None, None) if slope is None else slope
         return then(prefix, element, (before, element_slope, after)), after
 
-    if block_shape[1] == 1:
+    if blocks_per_sequence == 1:
         entering = start[:, None]
     else:
         block_maps, _ = jax.lax.scan(lambda m, x: (extend(m, x)[0], None), empty, (blocks, slopes))
+        block_maps = jax.tree.map(lambda x: x.reshape(batch, blocks_per_sequence), block_maps)
         ends, _ = _prefix_states(block_maps, start, algebra, UPPER_BLOCK_SIZE,
                                   span=span * size, maps=True)
         entering = jnp.concatenate([start[:, None], ends[:, :-1]], axis=1)
 
+    flat_entering = entering.reshape(-1)
     if step is None:
         def rerun(prefix, x):
             prefix, after = extend(prefix, x)
-            return prefix, algebra.evaluate(prefix, after, entering)
+            return prefix, algebra.evaluate(prefix, after, flat_entering)
         _, states = jax.lax.scan(rerun, empty, (blocks, slopes))
     else:
-        _, states = jax.lax.scan(lambda h, x: (step(h, x[0]),) * 2, entering, (blocks, slopes))
-    return _from_blocks(states, n), entering
+        _, states = jax.lax.scan(lambda h, x: (step(h, x[0]),) * 2, flat_entering,
+                                 (blocks, slopes))
+    return _from_blocks(states, batch, n), entering
 
 
 def _scaled(a: jax.Array, fired: jax.Array, slope: ramps.Slope, y: jax.Array) -> jax.Array:
@@ -253,7 +261,7 @@ def _affine(w: jax.Array) -> _Algebra:
         then=then,
         compose=compose,
         evaluate=evaluate,
-        powers=lambda counts: ramps.powers(jax.lax.stop_gradient(w), counts),
+        powers=lambda counts: _powers(jax.lax.stop_gradient(w), counts),
     )
 
 
@@ -265,46 +273,51 @@ def _ramps(w: jax.Array, growing: bool) -> _Algebra:
         then=lambda m, u, slopes: ramps.then_step(m, w, u, slopes[2], growing=growing),
         compose=lambda m, e, slopes: ramps.compose(m, slopes[0], e, slopes[1], growing=growing),
         evaluate=functools.partial(ramps.evaluate, growing=growing),
-        powers=lambda counts: ramps.powers(w, counts),
+        powers=lambda counts: _powers(w, counts),
     )
+
+
+def _powers(w: jax.Array, counts: np.ndarray) -> ramps.Slope:
+    """``rnnjax.ramps.powers`` of a scalar ``w``: ``w**k`` for each ``k`` of ``counts``."""
+    return jax.tree.map(lambda x: x[:, 0], ramps.powers(w[None], counts))
 
 
 # ----------------------------------------------------------------------------------------------
 # The recurrence and its derivatives.
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _from_zero(w: jax.Array, inputs: jax.Array, lengths: jax.Array, block_size: int) -> jax.Array:
-    """``(final_state, states)`` of ``h_t = max(0, w*h_{t-1} + inputs_t)`` from ``h_{-1} = 0``:
-    the state after step ``lengths - 1`` (0 where the length is 0), and every state, zero past
-    the lengths.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _from_zero(w: jax.Array, inputs: jax.Array, lengths: jax.Array, growing: jax.Array,
+               block_size: int) -> tuple[jax.Array, jax.Array]:
+    """``(final_state, states)`` of ``h_t = max(0, w*h_{t-1} + inputs_t)`` from ``h_{-1} = 0``,
+    for a scalar ``w`` and ``(batch, time)`` inputs: the state after step ``lengths - 1`` (0
+    where the length is 0), and every state, zero past the lengths.
 
     Each block re-runs the loop's own steps from its exact entering state; the last state of
     each sequence is computed apart, by evaluating its block's prefix ramp at the block's
     entering state, which rounds once at that magnitude instead of once a step (what keeps a
-    1e8-step L1 norm exact), and needs no block's second run.
+    1e8-step L1 norm exact), and needs no block's second run. ``growing`` (a boolean) must be
+    true if ``|w| > 1``: the work for positions between 0 and tiny is only needed then.
     """
-    # The work for positions between 0 and tiny is needed only where a slope exceeds 1.
     return jax.lax.cond(
-        jnp.any(jnp.abs(w) > 1),
+        growing,
         functools.partial(_states_from_zero, block_size=block_size, growing=True),
         functools.partial(_states_from_zero, block_size=block_size, growing=False),
         w, inputs, lengths)
 
 
 def _states_from_zero(w, inputs, lengths, *, block_size, growing):
-    """``_from_zero``'s states; ``growing=False`` only if no ``|w|`` exceeds 1."""
-    batch, time, features = inputs.shape
-    start = jnp.zeros((batch, features), inputs.dtype)
+    """``_from_zero``'s result; ``growing=False`` only if ``|w| <= 1``."""
+    batch, time = inputs.shape
     algebra = _ramps(w, growing)
-    states, entering = _prefix_states(inputs, start, algebra, block_size,
-                                      step=lambda h, u: jnp.maximum(w * h + u, 0))
+    states, entering = _prefix_states(inputs, jnp.zeros(batch, inputs.dtype), algebra,
+                                      block_size, step=lambda h, u: jnp.maximum(w * h + u, 0))
     last = jnp.maximum(lengths - 1, 0)
     first_of_block = last // block_size * block_size
     steps = first_of_block[:, None] + jnp.arange(block_size)  # (batch, block_size)
-    block_inputs = jnp.take_along_axis(inputs, jnp.minimum(steps, time - 1)[..., None], axis=1)
-    block_start = jnp.take_along_axis(entering, (last // block_size)[:, None, None], axis=1)[:, 0]
-    slopes = algebra.powers(np.arange(block_size + 1))  # (block_size + 1, features)
+    block_inputs = jnp.take_along_axis(inputs, jnp.minimum(steps, time - 1), axis=1)
+    block_start = jnp.take_along_axis(entering, (last // block_size)[:, None], axis=1)[:, 0]
+    slopes = algebra.powers(np.arange(block_size + 1))  # (block_size + 1,)
 
     def then_if(prefix, x):  # steps past the last one leave the prefix as it is
         take, u, slope = x
@@ -312,38 +325,36 @@ def _states_from_zero(w, inputs, lengths, *, block_size, growing):
                             ramps.then_step(prefix, w, u, slope, growing=growing), prefix), None
 
     for_last, _ = jax.lax.scan(
-        then_if, ramps.identity((batch, features), inputs.dtype),
-        ((steps <= last[:, None]).T[..., None], block_inputs.swapaxes(0, 1),
-         jax.tree.map(lambda x: x[1:, None], slopes)),
+        then_if, ramps.identity((batch,), inputs.dtype),
+        ((steps <= last[:, None]).T, block_inputs.T, jax.tree.map(lambda x: x[1:], slopes)),
     )
-    last_slope = jax.tree.map(lambda x: x[last - first_of_block + 1], slopes)  # (batch, features)
-    position = jnp.arange(time)[None, :, None]
+    last_slope = jax.tree.map(lambda x: x[last - first_of_block + 1], slopes)  # (batch,)
+    position = jnp.arange(time)[None, :]
     last_state = ramps.evaluate(for_last, last_slope, block_start, growing=growing)
-    states = jnp.where(position == last[:, None, None], last_state[:, None], states)
-    return (jnp.where(lengths[:, None] > 0, last_state, 0),
-            jnp.where(position < lengths[:, None, None], states, 0))
+    states = jnp.where(position == last[:, None], last_state[:, None], states)
+    return (jnp.where(lengths > 0, last_state, 0),
+            jnp.where(position < lengths[:, None], states, 0))
 
 
 @_from_zero.defjvp
 def _from_zero_jvp(block_size, primals, tangents):
-    w, inputs, lengths = primals
-    dw, dinputs, _ = tangents
-    final_state, states = _from_zero(w, inputs, lengths, block_size)
+    w, inputs, lengths, growing = primals
+    dw, dinputs, _, _ = tangents
+    final_state, states = _from_zero(w, inputs, lengths, growing, block_size)
     previous = jnp.concatenate([jnp.zeros_like(states[:, :1]), states[:, :-1]], axis=1)
     # The ReLU's derivative is 1 where it fired (strictly, as jax.nn.relu's) and 0 elsewhere,
     # past each length included, so tangents there are 0 like the states.
-    fired = length_mask(lengths, inputs.shape[1])[..., None] & (w * previous + inputs > 0)
+    fired = length_mask(lengths, inputs.shape[1]) & (w * previous + inputs > 0)
     jacobians = jnp.where(fired, w, 0)
     drive = dw * jnp.where(fired, previous, 0) + jnp.where(fired, dinputs, 0)
-    start = jnp.zeros_like(states[:, 0])
-    dstates, _ = _prefix_states((jacobians, drive), start, _affine(w), block_size,
-                                step=lambda y, e: e[0] * y + e[1])
+    dstates, _ = _prefix_states((jacobians, drive), jnp.zeros_like(states[:, 0]), _affine(w),
+                                block_size, step=lambda y, e: e[0] * y + e[1])
     # The final state's tangent as a masked sum, not a gather: the transpose of a gather is a
-    # scatter into a zeroed (batch, time, features) buffer, and that of the sum a select that
-    # XLA fuses into its consumer (the training step at T = 1e5, batch 1024: 2.99 GB, not 3.40).
+    # scatter into a zeroed (batch, time) buffer, and that of the sum a select that XLA fuses
+    # into its consumer (the training step at T = 1e5, batch 1024: 2.99 GB, not 3.40).
     at_last = ((jnp.arange(inputs.shape[1]) == jnp.maximum(lengths - 1, 0)[:, None])
                & (lengths[:, None] > 0))
-    dfinal_state = jnp.sum(jnp.where(at_last[..., None], dstates, 0), axis=1)
+    dfinal_state = jnp.sum(jnp.where(at_last, dstates, 0), axis=1)
     return (final_state, states), (dfinal_state, dstates)
 
 
@@ -354,7 +365,7 @@ def relu_scan(
     h0: jax.Array,
     *,
     block_size: int | None = None,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """Runs ``h_t = max(0, w*h_{t-1} + inputs_t)`` for ``t < lengths``, exactly, in blocks.
 
     See the module docstring for the domain, the error bound and why it is finite.
@@ -388,7 +399,15 @@ def relu_scan(
         raise ValueError(f"block_size must be a positive integer; received {block_size!r}.")
     # The first step sees w*h0 + u_0 (summed as the loop sums it), so the scan starts from 0.
     inputs = inputs.at[:, 0].set(inputs[:, 0] + h0 * w)
-    final_state, states = _from_zero(w, inputs, lengths, size)
+    growing = jnp.any(jnp.abs(w) > 1)  # one branch for every feature, also under vmap
+
+    def scan_feature(w, inputs):  # w () and inputs (batch, time): one feature's recurrence
+        return _from_zero(w, inputs, lengths, growing, size)
+
+    if w.shape[0] == 1:  # the common case, without vmap's extra axis (see _to_blocks)
+        final_state, states = jax.tree.map(lambda x: x[..., None], scan_feature(w[0], inputs[..., 0]))
+    else:
+        final_state, states = jax.vmap(scan_feature, in_axes=(0, 2), out_axes=(1, 2))(w, inputs)
     return jnp.where(lengths[:, None] > 0, final_state, h0), states
 
 
