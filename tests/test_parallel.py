@@ -330,6 +330,29 @@ def test_second_derivatives_and_forward_mode_equal_sequential(w_hh):
     chex.assert_trees_all_close(results["parallel"], results["sequential"], rtol=2e-4, atol=2e-4)
 
 
+def test_several_features_derivatives_equal_sequential():
+    """A diagonal cell's features run under vmap; hessian, grad of grad and jvp go through it."""
+    cell = ReLUCell(3, diagonal=True)
+    xs = jnp.asarray(np.random.default_rng(5).normal(size=(3, 40, 2)), jnp.float32)
+    lengths = jnp.array([40, 17, 0])
+    params = cell.init(jax.random.key(0), jnp.zeros((3, 3)), xs[:, 0])
+    params["params"]["W_hh"] = jnp.array([0.7, -0.5, 1.2])
+
+    def loss(p, method):
+        final_state, states = rnn(cell, p, xs, lengths, method=method)
+        return jnp.sum(final_state**2) + jnp.sum(jnp.sin(states))
+
+    results = {}
+    for method in ("sequential", "parallel"):
+        fixed = lambda p, m=method: loss(p, m)  # noqa: E731
+        hessian = jax.jit(jax.hessian(fixed))(params)
+        grad_of_grad = jax.grad(lambda p: jax.grad(fixed)(p)["params"]["W_hh"].sum())(params)
+        tangent = jax.jvp(fixed, (params,), (jax.tree.map(jnp.ones_like, params),))
+        results[method] = (hessian, grad_of_grad, tangent)
+    chex.assert_tree_all_finite(results["parallel"])
+    chex.assert_trees_all_close(results["parallel"], results["sequential"], rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("w_hh", [0.99999, 1.0, 1.00001])
 def test_second_derivatives_through_upper_levels_equal_sequential(w_hh):
     """3,000 steps: 47 blocks of 64, so the blocks' maps are composed over two upper levels,
