@@ -398,7 +398,9 @@ def relu_scan(
     if not (isinstance(size, int) and size >= 1):
         raise ValueError(f"block_size must be a positive integer; received {block_size!r}.")
     # The first step sees w*h0 + u_0 (summed as the loop sums it), so the scan starts from 0.
-    inputs = inputs.at[:, 0].set(inputs[:, 0] + h0 * w)
+    # (An elementwise select, not a scatter into step 0: it fuses into the inputs' producer,
+    # where a scatter copied the (batch, time) inputs first.)
+    inputs = inputs + jnp.where(jnp.arange(time)[:, None] == 0, h0[:, None] * w, 0)
     growing = jnp.any(jnp.abs(w) > 1)  # one branch for every feature, also under vmap
 
     def scan_feature(w, inputs):  # w () and inputs (batch, time): one feature's recurrence
