@@ -310,38 +310,14 @@ def cell_params(w_ih, w_hh, dtype=jnp.float32):
     return {"params": {"W_ih": jnp.full((1, 1), w_ih, dtype), "W_hh": jnp.full((1, 1), w_hh, dtype)}}
 
 
-def final_state_loss(params, xs, lengths, method):
-    final_state, states = rnn(ReLUCell(1), params, xs, lengths, method=method)
+def final_state_loss(params, xs, lengths, method, cell=ReLUCell(1)):
+    final_state, states = rnn(cell, params, xs, lengths, method=method)
     return jnp.sum(final_state**2) + jnp.sum(jnp.sin(states))
 
 
-@pytest.mark.parametrize("w_hh", [0.7, -0.5, 1.0])
-def test_second_derivatives_and_forward_mode_equal_sequential(w_hh):
-    xs = jnp.asarray(np.random.default_rng(2).normal(size=(3, 40, 1)), jnp.float32)
-    lengths, params = jnp.array([40, 17, 0]), cell_params(0.9, w_hh)
-    results = {}
-    for method in ("sequential", "parallel"):
-        loss = lambda p, m=method: final_state_loss(p, xs, lengths, m)  # noqa: E731
-        hessian = jax.jit(jax.hessian(loss))(params)
-        grad_of_grad = jax.grad(lambda p: jax.grad(loss)(p)["params"]["W_hh"].sum())(params)
-        tangent = jax.jvp(loss, (params,), (jax.tree.map(jnp.ones_like, params),))
-        results[method] = (hessian, grad_of_grad, tangent)
-    chex.assert_tree_all_finite(results["parallel"])
-    chex.assert_trees_all_close(results["parallel"], results["sequential"], rtol=2e-4, atol=2e-4)
-
-
-def test_several_features_derivatives_equal_sequential():
-    """A diagonal cell's features run under vmap; hessian, grad of grad and jvp go through it."""
-    cell = ReLUCell(3, diagonal=True)
-    xs = jnp.asarray(np.random.default_rng(5).normal(size=(3, 40, 2)), jnp.float32)
-    lengths = jnp.array([40, 17, 0])
-    params = cell.init(jax.random.key(0), jnp.zeros((3, 3)), xs[:, 0])
-    params["params"]["W_hh"] = jnp.array([0.7, -0.5, 1.2])
-
-    def loss(p, method):
-        final_state, states = rnn(cell, p, xs, lengths, method=method)
-        return jnp.sum(final_state**2) + jnp.sum(jnp.sin(states))
-
+def assert_derivatives_equal_sequential(loss, params):
+    """``loss(params, method)``'s hessian, grad of grad and jvp: finite, and parallel's equal
+    sequential's."""
     results = {}
     for method in ("sequential", "parallel"):
         fixed = lambda p, m=method: loss(p, m)  # noqa: E731
@@ -351,6 +327,25 @@ def test_several_features_derivatives_equal_sequential():
         results[method] = (hessian, grad_of_grad, tangent)
     chex.assert_tree_all_finite(results["parallel"])
     chex.assert_trees_all_close(results["parallel"], results["sequential"], rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("w_hh", [0.7, -0.5, 1.0])
+def test_second_derivatives_and_forward_mode_equal_sequential(w_hh):
+    xs = jnp.asarray(np.random.default_rng(2).normal(size=(3, 40, 1)), jnp.float32)
+    lengths, params = jnp.array([40, 17, 0]), cell_params(0.9, w_hh)
+    assert_derivatives_equal_sequential(
+        lambda p, method: final_state_loss(p, xs, lengths, method), params)
+
+
+def test_several_features_derivatives_equal_sequential():
+    """A diagonal cell's features run under vmap; hessian, grad of grad and jvp go through it."""
+    cell = ReLUCell(3, diagonal=True)
+    xs = jnp.asarray(np.random.default_rng(5).normal(size=(3, 40, 2)), jnp.float32)
+    lengths = jnp.array([40, 17, 0])
+    params = cell.init(jax.random.key(0), jnp.zeros((3, 3)), xs[:, 0])
+    params["params"]["W_hh"] = jnp.array([0.7, -0.5, 1.2])
+    assert_derivatives_equal_sequential(
+        lambda p, method: final_state_loss(p, xs, lengths, method, cell), params)
 
 
 @pytest.mark.parametrize("w_hh", [0.99999, 1.0, 1.00001])
