@@ -85,7 +85,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax import ramps
-from rnnjax.masking import length_mask
 
 __all__ = ["relu_scan", "default_block_size", "levels"]
 
@@ -168,24 +167,52 @@ def _prefix_states(
       size: elements per block at this level.
       span: steps per element.
       maps: whether the elements are maps (levels above the first) rather than steps.
-      step: ``step(h, element)``, one element applied to a state. Given, each block re-runs its
-        elements one by one from its entering state (the loop's own rounding); None re-runs by
-        evaluating each prefix map there (one rounding at the entering state's magnitude).
+      step: see ``_blocked_states``.
 
     Returns:
       ``(states, entering)``: ``states`` ``(batch, n)``, and ``entering`` ``(batch, blocks)``,
       the state before each block of ``size`` elements.
     """
     batch, n = jax.tree.leaves(elements)[0].shape
-    blocks_per_sequence = -(-n // size)
-    then = algebra.compose if maps else algebra.then
     # The last block is padded with zero elements at the first level and identity maps above
     # it; either way the padding only feeds states that are cut off.
     padding = (algebra.identity((), start.dtype) if maps
                else jax.tree.map(lambda _: 0, elements))
-    blocks = _to_blocks(elements, size, padding)
-    block_shape = jax.tree.leaves(blocks)[0].shape[1:]
-    empty = algebra.identity(block_shape, start.dtype)
+    states, entering = _blocked_states(_to_blocks(elements, size, padding), start, algebra,
+                                       span=span, maps=maps, step=step)
+    return _from_blocks(states, batch, n), entering
+
+
+def _blocked_states(
+    blocks: Any,
+    start: jax.Array,
+    algebra: _Algebra,
+    *,
+    span: int = 1,
+    maps: bool = False,
+    step: Callable[[jax.Array, Any], jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``_prefix_states`` on elements already in blocks (``_to_blocks``'s layout), and its
+    states left in that layout: what the first level works on, so that the recurrence and its
+    derivative transpose the ``(batch, time)`` arrays once each way.
+
+    Args:
+      blocks: a pytree of ``(size, batch * blocks)`` arrays.
+      start: ``(batch,)``, the state before the first element.
+      algebra, span, maps: as for ``_prefix_states``.
+      step: ``step(h, element)``, one element applied to a state. Given, each block re-runs its
+        elements one by one from its entering state (the loop's own rounding); None re-runs by
+        evaluating each prefix map there (one rounding at the entering state's magnitude).
+
+    Returns:
+      ``(states, entering)``: ``states`` ``(size, batch * blocks)``, and ``entering`` ``(batch,
+      blocks)``, the state before each block.
+    """
+    size, lanes = jax.tree.leaves(blocks)[0].shape
+    batch = start.shape[0]
+    blocks_per_sequence = lanes // batch
+    then = algebra.compose if maps else algebra.then
+    empty = algebra.identity((lanes,), start.dtype)
     if algebra.powers is None:
         slopes = element_slope = None
     else:
@@ -216,7 +243,33 @@ def _prefix_states(
     else:
         _, states = jax.lax.scan(lambda h, x: (step(h, x[0]),) * 2, flat_entering,
                                  (blocks, slopes))
-    return _from_blocks(states, batch, n), entering
+    return states, entering
+
+
+def _last_states(block: Any, entering: jax.Array, lengths: jax.Array,
+                 algebra: _Algebra) -> jax.Array:
+    """The state after step ``lengths - 1`` of each sequence, ``(batch,)``: its block's prefix
+    map evaluated at the block's entering state (``_blocked_states``), which rounds once at
+    that magnitude instead of once a step (what keeps a 1e8-step L1 norm exact) and needs no
+    block's second run. ``block`` holds the elements of each sequence's last block, ``(size,
+    batch)`` leaves (``_last_block``); where a length is 0 the result is the state before the
+    first step."""
+    size, batch = jax.tree.leaves(block)[0].shape
+    last = jnp.maximum(lengths - 1, 0)
+    last_block, last_step = last // size, last % size
+    table = algebra.powers(np.arange(size + 1))  # spans of 0, 1, ..., size steps
+    element_slope = jax.tree.map(lambda x: x[1], table)
+
+    def then_if(prefix, x):  # steps past the last one leave the prefix as it is
+        take, element, after = x
+        new = algebra.then(prefix, element, (None, element_slope, after))
+        return jax.tree.map(lambda n, old: jnp.where(take, n, old), new, prefix), None
+
+    prefix, _ = jax.lax.scan(
+        then_if, algebra.identity((batch,), entering.dtype),
+        (jnp.arange(size)[:, None] <= last_step, block, jax.tree.map(lambda x: x[1:], table)))
+    start = jnp.take_along_axis(entering, last_block[:, None], axis=1)[:, 0]
+    return algebra.evaluate(prefix, jax.tree.map(lambda x: x[last_step + 1], table), start)
 
 
 def _scaled(a: jax.Array, fired: jax.Array, slope: ramps.Slope, y: jax.Array) -> jax.Array:
@@ -290,14 +343,13 @@ def _powers(w: jax.Array, counts: np.ndarray) -> ramps.Slope:
 def _from_zero(w: jax.Array, inputs: jax.Array, lengths: jax.Array, growing: jax.Array,
                block_size: int) -> tuple[jax.Array, jax.Array]:
     """``(final_state, states)`` of ``h_t = max(0, w*h_{t-1} + inputs_t)`` from ``h_{-1} = 0``,
-    for a scalar ``w`` and ``(batch, time)`` inputs: the state after step ``lengths - 1`` (0
-    where the length is 0), and every state, zero past the lengths.
+    for a scalar ``w`` and ``(batch, time)`` inputs: the state after step ``lengths - 1``,
+    ``(batch,)`` (0 where the length is 0), and every state in the blocks' layout of
+    ``_to_blocks``, ``(block_size, batch * blocks)`` (those past a length are not used).
 
     Each block re-runs the loop's own steps from its exact entering state; the last state of
-    each sequence is computed apart, by evaluating its block's prefix ramp at the block's
-    entering state, which rounds once at that magnitude instead of once a step (what keeps a
-    1e8-step L1 norm exact), and needs no block's second run. ``growing`` (a boolean) must be
-    true if ``|w| > 1``: the work for positions between 0 and tiny is only needed then.
+    each sequence comes from ``_last_states``. ``growing`` (a boolean) must be true if ``|w| >
+    1``: the work for positions between 0 and tiny is only needed then.
     """
     return jax.lax.cond(
         growing,
@@ -310,30 +362,14 @@ def _states_from_zero(w, inputs, lengths, *, block_size, growing):
     """``_from_zero``'s result; ``growing=False`` only if ``|w| <= 1``."""
     batch, time = inputs.shape
     algebra = _ramps(w, growing)
-    states, entering = _prefix_states(inputs, jnp.zeros(batch, inputs.dtype), algebra,
-                                      block_size, step=lambda h, u: jnp.maximum(w * h + u, 0))
-    last = jnp.maximum(lengths - 1, 0)
-    first_of_block = last // block_size * block_size
-    steps = first_of_block[:, None] + jnp.arange(block_size)  # (batch, block_size)
-    block_inputs = jnp.take_along_axis(inputs, jnp.minimum(steps, time - 1), axis=1)
-    block_start = jnp.take_along_axis(entering, (last // block_size)[:, None], axis=1)[:, 0]
-    slopes = algebra.powers(np.arange(block_size + 1))  # (block_size + 1,)
-
-    def then_if(prefix, x):  # steps past the last one leave the prefix as it is
-        take, u, slope = x
-        return jax.tree.map(lambda new, old: jnp.where(take, new, old),
-                            ramps.then_step(prefix, w, u, slope, growing=growing), prefix), None
-
-    for_last, _ = jax.lax.scan(
-        then_if, ramps.identity((batch,), inputs.dtype),
-        ((steps <= last[:, None]).T, block_inputs.T, jax.tree.map(lambda x: x[1:], slopes)),
-    )
-    last_slope = jax.tree.map(lambda x: x[last - first_of_block + 1], slopes)  # (batch,)
-    position = jnp.arange(time)[None, :]
-    last_state = ramps.evaluate(for_last, last_slope, block_start, growing=growing)
-    states = jnp.where(position == last[:, None], last_state[:, None], states)
-    return (jnp.where(lengths > 0, last_state, 0),
-            jnp.where(position < lengths[:, None], states, 0))
+    states, entering = _blocked_states(_to_blocks(inputs, block_size, 0),
+                                       jnp.zeros(batch, inputs.dtype), algebra,
+                                       step=lambda h, u: jnp.maximum(w * h + u, 0))
+    first = jnp.maximum(lengths - 1, 0) // block_size * block_size  # of the last block
+    steps = jnp.minimum(first[:, None] + jnp.arange(block_size), time - 1)
+    last_block = jnp.take_along_axis(inputs, steps, axis=1).T  # (block_size, batch)
+    last_state = _last_states(last_block, entering, lengths, algebra)
+    return jnp.where(lengths > 0, last_state, 0), states
 
 
 @_from_zero.defjvp
@@ -341,21 +377,46 @@ def _from_zero_jvp(block_size, primals, tangents):
     w, inputs, lengths, growing = primals
     dw, dinputs, _, _ = tangents
     final_state, states = _from_zero(w, inputs, lengths, growing, block_size)
-    previous = jnp.concatenate([jnp.zeros_like(states[:, :1]), states[:, :-1]], axis=1)
-    # The ReLU's derivative is 1 where it fired (strictly, as jax.nn.relu's) and 0 elsewhere,
-    # past each length included, so tangents there are 0 like the states.
-    fired = length_mask(lengths, inputs.shape[1]) & (w * previous + inputs > 0)
+    # Everything stays in the blocks' layout, so the derivative transposes the (batch, time)
+    # arrays once: the tangent of the inputs (and, in reverse mode, its cotangent).
+    size, lanes = states.shape
+    batch = lengths.shape[0]
+    blocks_per_sequence = lanes // batch
+    block = jnp.arange(lanes) % blocks_per_sequence
+    positions = block * size + jnp.arange(size)[:, None]  # the step of each element
+    lane_lengths = jnp.repeat(lengths, blocks_per_sequence)
+    # The state before each step: the block's previous one, or the previous block's last (0
+    # before a sequence's first block).
+    before_block = jnp.where(block == 0, 0, jnp.roll(states[-1], 1))
+    previous = jnp.concatenate([before_block[None], states[:-1]], axis=0)
+    # The ReLU's derivative is 1 where it fired (strictly, as jax.nn.relu's: the state is
+    # positive) and 0 elsewhere, past each length included, so tangents there are 0 like the
+    # states.
+    fired = (positions < lane_lengths) & (states > 0)
     jacobians = jnp.where(fired, w, 0)
-    drive = dw * jnp.where(fired, previous, 0) + jnp.where(fired, dinputs, 0)
-    dstates, _ = _prefix_states((jacobians, drive), jnp.zeros_like(states[:, 0]), _affine(w),
-                                block_size, step=lambda y, e: e[0] * y + e[1])
-    # The final state's tangent as a masked sum, not a gather: the transpose of a gather is a
-    # scatter into a zeroed (batch, time) buffer, and that of the sum a select that XLA fuses
-    # into its consumer (the training step at T = 1e5, batch 1024: 2.99 GB, not 3.40).
-    at_last = ((jnp.arange(inputs.shape[1]) == jnp.maximum(lengths - 1, 0)[:, None])
-               & (lengths[:, None] > 0))
-    dfinal_state = jnp.sum(jnp.where(at_last, dstates, 0), axis=1)
+    drive = (dw * jnp.where(fired, previous, 0)
+             + jnp.where(fired, _to_blocks(dinputs, size, 0), 0))
+    zero = jnp.zeros(batch, states.dtype)
+    dstates, dentering = _blocked_states((jacobians, drive), zero, _affine(w),
+                                         step=lambda y, e: e[0] * y + e[1])
+    # The final state's tangent as the primal's: the last block's prefix map at its entering
+    # tangent; only (block_size, batch) elements are gathered, not every state's tangent.
+    lane = (jnp.arange(batch) * blocks_per_sequence
+            + jnp.maximum(lengths - 1, 0) // size)
+    last_block = jax.tree.map(lambda x: jnp.take(x, lane, axis=1), (jacobians, drive))
+    dfinal_state = jnp.where(lengths > 0,
+                             _last_states(last_block, dentering, lengths, _affine(w)), 0)
     return (final_state, states), (dfinal_state, dstates)
+
+
+def _scan_feature(w, inputs, lengths, growing, block_size):
+    """``relu_scan`` for one feature: a scalar ``w`` and ``(batch, time)`` inputs from 0."""
+    batch, time = inputs.shape
+    final_state, states = _from_zero(w, inputs, lengths, growing, block_size)
+    position = jnp.arange(time)[None, :]
+    states = jnp.where(position == jnp.maximum(lengths - 1, 0)[:, None], final_state[:, None],
+                       _from_blocks(states, batch, time))
+    return final_state, jnp.where(position < lengths[:, None], states, 0)
 
 
 def relu_scan(
@@ -404,7 +465,7 @@ def relu_scan(
     growing = jnp.any(jnp.abs(w) > 1)  # one branch for every feature, also under vmap
 
     def scan_feature(w, inputs):  # w () and inputs (batch, time): one feature's recurrence
-        return _from_zero(w, inputs, lengths, growing, size)
+        return _scan_feature(w, inputs, lengths, growing, size)
 
     if w.shape[0] == 1:  # the common case, without vmap's extra axis (see _to_blocks)
         final_state, states = jax.tree.map(lambda x: x[..., None], scan_feature(w[0], inputs[..., 0]))
