@@ -138,6 +138,9 @@ class _Algebra(NamedTuple):
     ``counts`` steps share, stacked (``rnnjax.ramps.powers`` for ramps), or is None. At the
     ``j``-th element of a block the driver passes ``slopes = (before, element, after)``: those of
     the spans of the ``j`` elements before, of the element, and of all ``j + 1``.
+    ``spans(blocks, slope)``, if given, returns the maps of whole blocks of first-level elements
+    at once, from ``(size, lanes)`` leaves and what a block's span shares; without it they are
+    composed one element at a time with ``then``.
     """
 
     identity: Callable[[tuple[int, ...], Any], Any]
@@ -145,6 +148,7 @@ class _Algebra(NamedTuple):
     compose: Callable[[Any, Any, Any], Any]
     evaluate: Callable[[Any, Any, jax.Array], jax.Array]
     powers: Callable[[np.ndarray], Any] | None = None
+    spans: Callable[[Any, Any], Any] | None = None
 
 
 def _prefix_states(
@@ -228,7 +232,11 @@ def _blocked_states(
     if blocks_per_sequence == 1:
         entering = start[:, None]
     else:
-        block_maps, _ = jax.lax.scan(lambda m, x: (extend(m, x)[0], None), empty, (blocks, slopes))
+        if maps or algebra.spans is None:
+            block_maps, _ = jax.lax.scan(lambda m, x: (extend(m, x)[0], None), empty,
+                                         (blocks, slopes))
+        else:
+            block_maps = algebra.spans(blocks, jax.tree.map(lambda x: x[-1], table))
         block_maps = jax.tree.map(lambda x: x.reshape(batch, blocks_per_sequence), block_maps)
         ends, _ = _prefix_states(block_maps, start, algebra, UPPER_BLOCK_SIZE,
                                   span=span * size, maps=True)
@@ -327,6 +335,8 @@ def _ramps(w: jax.Array, growing: bool) -> _Algebra:
         compose=lambda m, e, slopes: ramps.compose(m, slopes[0], e, slopes[1], growing=growing),
         evaluate=functools.partial(ramps.evaluate, growing=growing),
         powers=lambda counts: _powers(w, counts),
+        # Three plain runs of the loop a block where no slope exceeds 1 (rnnjax.ramps.of_runs).
+        spans=None if growing else lambda blocks, slope: ramps.of_runs(w, blocks, slope),
     )
 
 

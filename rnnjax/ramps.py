@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Ramp", "Slope", "powers", "multiply", "divide", "identity", "evaluate",
-           "then_step", "compose"]
+           "then_step", "of_runs", "compose"]
 
 
 class Ramp(NamedTuple):
@@ -263,6 +263,38 @@ def then_step(ramp: Ramp, w: jax.Array, u: jax.Array, slope: Slope, *,
         jnp.where(value_at_end > 0, value_at_end, value_at_kink),
         jnp.maximum(w * ramp.at_zero + u, 0) if growing else ramp.at_zero,
     )
+
+
+def of_runs(w: jax.Array, inputs: jax.Array, slope: Slope) -> Ramp:
+    """Returns the ramps of spans of the steps ``h -> max(0, w*h + u)``, one span a column of
+    ``inputs`` (``(steps, spans)``, one step a row), for ``|w| <= 1``; ``slope`` is ``w**steps``.
+
+    Three plain runs of the loop over the span give the ramp, at three numbers a step where
+    composing it step by step (``then_step``) carries four through a kink's division and
+    selects. A span maps ``[0, inf)`` onto the values between ``f(0)`` and ``f(inf)``, and it
+    is ``clip(slope*h + line, min(f(0), f(inf)), max(f(0), f(inf)))`` with ``line`` the
+    span's steps run without the ReLU from 0 (a state that never clips follows the line; one
+    that clips once follows the run from 0 or from ``inf`` from there on, since every step is
+    monotone). The run from ``inf`` is ``inf`` for ``w > 0`` and, for ``w <= 0``, the run from
+    0 after a first step that clips. With ``|w| <= 1``, ``|line|`` is at most the sum of the
+    inputs' magnitudes: every number is finite, and its rounding is the loop's.
+    """
+    largest = jnp.finfo(inputs.dtype).max
+
+    def step(runs, u):
+        from_zero, from_infinity, line = runs
+        return (jnp.maximum(w * from_zero + u, 0),
+                jnp.maximum(jnp.where(w == 0, 0, w * from_infinity) + u, 0),  # 0 * inf is 0
+                w * line + u), None
+
+    zeros = jnp.zeros(inputs.shape[1:], inputs.dtype)
+    (at_zero, at_infinity, line), _ = jax.lax.scan(
+        step, (zeros, jnp.full_like(zeros, jnp.inf), zeros), inputs)
+    # Where the line meets f(0) and f(inf): start <= end for either sign of the slope (the
+    # differences and the slope have one sign); the clamps only absorb rounding.
+    start = jnp.clip(divide(at_zero - line, slope), 0, largest)
+    end = jnp.maximum(divide(at_infinity - line, slope), start)
+    return Ramp(start, jnp.minimum(at_zero, largest), end, at_infinity, zeros)
 
 
 def compose(first: Ramp, first_slope: Slope, second: Ramp, second_slope: Slope, *,
