@@ -4,7 +4,9 @@
 into blocks of ``block_size`` steps:
 
 1. each block's steps are composed into one ``Ramp`` (``rnnjax.ramps``): a ``lax.scan`` over the
-   steps of a block, vectorised across blocks and the batch;
+   steps of a block, vectorised across blocks and the batch; where no ``|w|`` exceeds 1 it runs
+   the loop three times at once (from 0, from ``inf`` and without the ReLU, ``ramps.of_runs``),
+   three plain numbers a step, and forms each block's ramp from their ends;
 2. the state entering each block comes from the blocks' ramps, by the same method one level up
    (blocks of blocks), until one block is left;
 3. each block runs again from its true entering state, evaluating its prefix ramps there.
@@ -56,12 +58,20 @@ passes the largest float.
   ``+inf`` minus a finite number: never ``inf - inf``. ``w * end_value`` with ``w = 0`` is
   replaced by 0. So no NaN is ever formed, and an infinity only means an exact value past
   ``M`` (a segment without end, or a state beyond the domain), which the clip then resolves.
+- Where no ``|w|`` exceeds 1, a block's ramp comes from three runs (``ramps.of_runs``): the runs
+  from 0 and from ``inf`` are the loop's own states (the one from ``inf`` stays ``inf`` for ``w
+  > 0``, and ``w * inf`` with ``w = 0`` is replaced by 0), and the run without the ReLU is at
+  most the sum of the block's input magnitudes (at most ``1e6 * block_size``). The ramp's ends
+  are their differences times the Slope's inverse: finite minus finite, or ``inf`` minus
+  finite.
 - A ``start_value`` clamped to ``M`` belongs to a ramp whose every value exceeds ``M``: only
   steps past the end of a sequence (its padding) or beyond the domain form one.
 
 The derivative is a ``custom_jvp``: the tangent obeys the linear recurrence
 ``dh_t = J_t dh_{t-1} + [z_t > 0] (dw h_{t-1} + du_t)`` with ``J_t = w [z_t > 0]``, solved by the
-same blocked method on affine maps ``y -> a*y + b``, whose ``a`` over a span is ``w^k`` as a
+same blocked method on affine maps ``y -> a*y + b`` (in the blocks' layout throughout, with
+``[z_t > 0]`` read off the state, so a derivative transposes the ``(batch, time)`` arrays once
+each way), whose ``a`` over a span is ``w^k`` as a
 ``Slope`` from ``rnnjax.ramps.powers`` again (where every step of it fired; 0 otherwise), so
 gradients do not compound the rounding of ``w^k`` either, and ``a*y`` overflows or underflows
 only where the exact product does (a tiny tangent carried through a span with ``|w|^k > M`` is

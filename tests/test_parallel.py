@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 
-from rnnjax import L1Norm, ReLUCell, rnn
+from rnnjax import L1Norm, ReLUCell, ramps, rnn
 from rnnjax.parallel import default_block_size, levels, relu_scan
 
 
@@ -262,6 +262,51 @@ def test_states_near_the_smallest_normal_number_stay_finite_and_bounded(
         _, states = _scan(jnp.full(1, w, dtype), jnp.asarray(inputs), jnp.asarray(lengths),
                           jnp.asarray(h0), block_size=size)
         assert_within_bound(states, np.full(1, w, dtype), inputs, lengths, h0, size)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    double=st.booleans(),
+    steps=st.sampled_from([1, 2, 5, 64, 128, 300]),
+    log_weight=st.one_of(st.just(None), st.floats(-30, 0)),
+    log_input=st.floats(-6, 6),
+    runs_of_one_sign=st.booleans(),
+)
+def test_a_spans_ramp_from_three_runs_maps_every_state_as_the_loop_does(
+        seed, double, steps, log_weight, log_input, runs_of_one_sign):
+    """``ramps.of_runs`` (the first level where |W_hh| <= 1) evaluated at entering states from
+    0 to 1e30 against the float64 loop started there, within the bound for one block: inputs
+    of both signs, long runs of one sign (the line without the ReLU then drifts far from every
+    state), W_hh 0, 1, -1 and tiny."""
+    rng = np.random.default_rng(seed)
+    dtype = np.float64 if double else np.float32
+    w = 0.0 if log_weight is None else rng.choice([-1.0, 1.0]) * 10.0**log_weight
+    scale = 10.0**log_input
+    inputs = rng.normal(size=steps) * scale
+    if runs_of_one_sign:
+        inputs = np.abs(inputs) * np.repeat(rng.choice([-1.0, 1.0], steps // 8 + 1), 8)[:steps]
+    inputs = np.clip(inputs, -1e6, 1e6).astype(dtype)
+    entering = np.concatenate([[0.0, float(np.finfo(dtype).tiny), 1e30],
+                               np.abs(rng.normal(size=13)) * scale * 10.0**rng.uniform(-3, 3, 13)])
+    entering = entering.astype(dtype)
+    with jax.enable_x64(double):
+        w_array = jnp.full(1, w, dtype)
+        slope = ramps.powers(w_array, [steps])
+        ramp = ramps.of_runs(w_array[0], jnp.asarray(inputs)[:, None], jax.tree.map(lambda x: x[0], slope))
+        mapped = ramps.evaluate(jax.tree.map(lambda x: jnp.broadcast_to(x, entering.shape), ramp),
+                                jax.tree.map(lambda x: x[0, 0], slope), jnp.asarray(entering),
+                                growing=False)
+    batch = len(entering)
+    expected, magnitudes = reference(np.full(1, w, dtype), np.broadcast_to(inputs[None, :, None], (batch, steps, 1)),
+                                     np.full(batch, steps), entering[:, None])
+    magnitude = np.maximum(magnitudes[:, -1, 0], np.abs(w) ** steps * entering)
+    info = np.finfo(dtype)
+    bound = 8 * steps * (info.eps * magnitude + float(info.tiny) * (1 + np.abs(expected).max()))
+    mapped = np.asarray(mapped, np.float64)
+    assert np.isfinite(mapped).all()
+    error = np.abs(mapped - expected[:, -1, 0])
+    assert (error <= bound).all(), f"error {error.max():.3g} over the bound at {np.argmax(error - bound)}"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
