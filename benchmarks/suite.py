@@ -73,22 +73,26 @@ def skip_reason(name, mode, time, batch, previous, args) -> str | None:
 
 
 def run_grid(args, bar) -> list[dict]:
+    """Times every implementation at one (batch, T) before the next, so that a ratio compares
+    times taken seconds apart: this machine's speed drifts by up to 2x over minutes."""
     rows = []
-    for name, batch in itertools.product(args.implementations, args.batches):
-        previous = {mode: None for mode in MODES}  # (time, median ms) of the last one measured
-        for time in sorted(args.lengths):
-            reasons = {m: skip_reason(name, m, time, batch, previous[m], args) for m in MODES}
+    previous = {}  # (implementation, batch, mode): (time, median ms) of the last one measured
+    for batch, time in itertools.product(args.batches, sorted(args.lengths)):
+        problem = None
+        for name in args.implementations:
+            reasons = {m: skip_reason(name, m, time, batch, previous.get((name, batch, m)), args)
+                       for m in MODES}
             closures = None
             for mode_index, mode in enumerate(MODES):
                 row = {"implementation": name, "mode": mode, "time": time, "batch": batch}
                 if reasons[mode] is None:
                     if closures is None:
-                        xs, targets = baselines.problem(time, batch)
-                        closures = IMPLEMENTATIONS[name](xs, targets)
+                        problem = problem or baselines.problem(time, batch)
+                        closures = IMPLEMENTATIONS[name](*problem)
                     fn, sync = closures[mode_index], closures[2]
                     try:
                         row.update(measure(fn, budget_s=args.budget_s, sync=sync))
-                        previous[mode] = (time, row["median_ms"])
+                        previous[name, batch, mode] = (time, row["median_ms"])
                     except Exception as e:  # out of memory, or a backend refusing the size
                         row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 else:
