@@ -20,6 +20,8 @@ def test_suite_writes_json_markdown_and_plot(tmp_path, capsys):
     rows = report["results"]
     assert {r["implementation"] for r in rows} == set(suite.IMPLEMENTATIONS)
     assert len(rows) == len(suite.IMPLEMENTATIONS) * 2 * 2  # implementations x lengths x modes
+    # Every implementation at one (batch, T) before the next: ratios compare neighbours in time.
+    assert [r["time"] for r in rows] == [20] * (len(rows) // 2) + [300] * (len(rows) // 2)
     torch_missing = importlib.util.find_spec("torch") is None
     for row in rows:
         if row["implementation"] in suite.TORCH and torch_missing:
