@@ -419,13 +419,22 @@ def _from_zero_jvp(block_size, primals, tangents):
     zero = jnp.zeros(batch, states.dtype)
     dstates, dentering = _blocked_states((jacobians, drive), zero, _affine(w),
                                          step=lambda y, e: e[0] * y + e[1])
-    # The final state's tangent as the primal's: the last block's prefix map at its entering
-    # tangent; only (block_size, batch) elements are gathered, not every state's tangent.
-    lane = (jnp.arange(batch) * blocks_per_sequence
-            + jnp.maximum(lengths - 1, 0) // size)
+    # The final state's tangent: the last block's steps re-run from its entering tangent, on
+    # (block_size, batch) gathered elements, not every state's tangent. Plain steps, not the
+    # block's prefix map: a span's `a` is 0 where w == 0 and would drop d(w**k)/dw, which
+    # second derivatives at w = 0 need.
+    last = jnp.maximum(lengths - 1, 0)
+    lane = jnp.arange(batch) * blocks_per_sequence + last // size
     last_block = jax.tree.map(lambda x: jnp.take(x, lane, axis=1), (jacobians, drive))
-    dfinal_state = jnp.where(lengths > 0,
-                             _last_states(last_block, dentering, lengths, _affine(w)), 0)
+
+    def step_if(y, x):  # steps past the last one leave the tangent as it is
+        take, (jacobian, d) = x
+        return jnp.where(take, jacobian * y + d, y), None
+
+    dlast, _ = jax.lax.scan(
+        step_if, jnp.take_along_axis(dentering, (last // size)[:, None], axis=1)[:, 0],
+        (jnp.arange(size)[:, None] <= last % size, last_block))
+    dfinal_state = jnp.where(lengths > 0, dlast, 0)
     return (final_state, states), (dfinal_state, dstates)
 
 

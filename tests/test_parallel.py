@@ -419,6 +419,37 @@ def test_second_derivatives_at_a_zero_recurrent_weight():
         assert float(jax.jit(jax.hessian(final), static_argnums=1)(0.0, method)) == 2.0
 
 
+def test_second_derivatives_at_a_zero_recurrent_weight_past_the_first_block():
+    """The same at w = 0 where the last step lies in a later block, unmasked inputs past the
+    lengths (the final state's tangent through that block's prefix map dropped d(w**k)/dw:
+    103.9 for 105.2 in the audit)."""
+
+    def loop(w, inputs, lengths, h0):  # the float64 reference: one step at a time
+        def step(carry, u):
+            h, t = carry
+            h = jnp.where(t < lengths[:, None], jnp.maximum(w * h + u, 0), h)
+            return (h, t + 1), jnp.where(t < lengths[:, None], h, 0)
+        (h, _), states = jax.lax.scan(step, (h0, 0), jnp.swapaxes(inputs, 0, 1))
+        return h, jnp.swapaxes(states, 0, 1)
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        rng.normal(size=(4 * 65 * 3 * 2 + 4 * 3))  # the audit's second draw
+        inputs = jnp.asarray(rng.normal(size=(4, 65, 3)) * 3)
+        lengths, h0 = jnp.array([65, 0, 1, 32]), jnp.asarray(np.abs(rng.normal(size=(4, 3))))
+        weights = jnp.asarray(rng.normal(size=(4, 65, 3)))
+
+        def loss(scan):
+            def value(w):
+                final_state, states = scan(w, inputs, lengths, h0)
+                return jnp.sum(final_state**2) + jnp.sum(states * weights)
+            return value
+
+        w = jnp.array([0.0, -1e-30, 0.999])
+        second = [jax.hessian(loss(scan))(w) for scan in (loop, relu_scan)]
+    chex.assert_trees_all_close(*second, rtol=1e-9)
+
+
 def test_the_second_derivative_of_a_sum_is_the_analytic_one():
     """With W_ih = 1 the final state of [1, 2, 3, 4] is w^3 + 2 w^2 + 3 w + 4 in w = W_hh, whose
     second derivative at w = 1 is 6 + 4 = 10; grad of grad and hessian give it for both methods."""
