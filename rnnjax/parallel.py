@@ -270,8 +270,7 @@ def _last_states(block: Any, entering: jax.Array, lengths: jax.Array,
     map evaluated at the block's entering state (``_blocked_states``), which rounds once at
     that magnitude instead of once a step (what keeps a 1e8-step L1 norm exact) and needs no
     block's second run. ``block`` holds the elements of each sequence's last block, ``(size,
-    batch)`` leaves (``_last_block``); where a length is 0 the result is the state before the
-    first step."""
+    batch)`` leaves; where a length is 0 the result is the state before the first step."""
     size, batch = jax.tree.leaves(block)[0].shape
     last = jnp.maximum(lengths - 1, 0)
     last_block, last_step = last // size, last % size
