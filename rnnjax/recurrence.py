@@ -234,7 +234,11 @@ def _parallel(cell, params, xs, lengths, initial_state):
     weights = params["params"]
     dtype = initial_state.dtype
     compute = jnp.promote_types(dtype, jnp.float32)  # float16 and bfloat16 weights: float32
-    inputs = jnp.dot(xs.astype(compute), weights["W_ih"].astype(compute), precision=PRECISION)
+    w_ih = weights["W_ih"].astype(compute)
+    if w_ih.shape[0] == 1:  # one input feature: a product, which fuses with what makes xs
+        inputs = xs.astype(compute) * w_ih[0]
+    else:
+        inputs = jnp.dot(xs.astype(compute), w_ih, precision=PRECISION)
     w_hh = weights["W_hh"].reshape(-1).astype(compute)
     final_state, states = relu_scan(w_hh, inputs, lengths, initial_state.astype(compute))
     if dtype == compute:
