@@ -8,7 +8,7 @@ into blocks of ``block_size`` steps:
    the loop three times at once (from 0, from ``inf`` and without the ReLU, ``ramps.of_runs``),
    three plain numbers a step, and forms each block's ramp from their ends;
 2. the state entering each block comes from the blocks' ramps, by the same method one level up
-   (blocks of blocks), until one block is left;
+   (blocks of blocks, at most 128 maps a block, ``upper_block_size``), until one block is left;
 3. each block runs again from its true entering state, evaluating its prefix ramps there.
 
 The program is ``O(log T / log block_size)`` loops deep, does ``O(T)`` work and keeps
@@ -24,8 +24,9 @@ within
     |h_t - exact_t| <= K * eps * max_{s <= t} |w|^(t - s) * (|w * h_{s-1}| + |u_s|)
                        + K * tiny * (1 + max_s h_s + max_{s <= t} |w|^(t - s))
 
-of the exact (float64) recurrence on the same inputs, where ``K = 8 * (block_size +
-16 * levels(T, block_size))``, ``eps`` is the dtype's machine epsilon and ``tiny`` its smallest
+of the exact (float64) recurrence on the same inputs, where ``K = 8 * (block_size + (16 + U) *
+levels(T, block_size))`` with ``U = upper_block_size(ceil(T / block_size))`` the upper levels'
+block size (1 for one block), ``eps`` is the dtype's machine epsilon and ``tiny`` its smallest
 normal number. The last term is the flushing of subnormal numbers to 0, which the loop suffers
 as well (its own error obeys the same bound); it only shows for states within a few orders of
 magnitude of ``tiny`` followed by growth. The first term is a sum of magnitudes along one path
@@ -96,14 +97,17 @@ import numpy as np
 
 from rnnjax import ramps
 
-__all__ = ["relu_scan", "default_block_size", "levels"]
+__all__ = ["relu_scan", "default_block_size", "upper_block_size", "levels"]
 
 # Steps per block: on a CPU 64 up to 2**15 steps and 128 beyond (benchmarks/NOTES.md, "Block
-# size"); on an accelerator 32, not yet measured. Higher levels group UPPER_BLOCK_SIZE blocks.
+# size"); on an accelerator 32, not yet measured.
 _LONG = 2**15
 _BLOCK_SIZE = {"cpu": (64, 128)}
 _ACCELERATOR_BLOCK_SIZE = (32, 32)
-UPPER_BLOCK_SIZE = 16
+# The levels above the first group at most this many maps a block, in as few levels as that
+# allows and blocks of equal size (upper_block_size): each level is a loop that XLA compiles,
+# so fewer levels compile faster (benchmarks/NOTES.md, "Upper levels").
+MAX_UPPER_BLOCK_SIZE = 128
 
 
 def default_block_size(time: int, backend: str | None = None) -> int:
@@ -248,7 +252,8 @@ def _blocked_states(
         else:
             block_maps = algebra.spans(blocks, jax.tree.map(lambda x: x[-1], table))
         block_maps = jax.tree.map(lambda x: x.reshape(batch, blocks_per_sequence), block_maps)
-        ends, _ = _prefix_states(block_maps, start, algebra, UPPER_BLOCK_SIZE,
+        ends, _ = _prefix_states(block_maps, start, algebra,
+                                  upper_block_size(blocks_per_sequence),
                                   span=span * size, maps=True)
         entering = jnp.concatenate([start[:, None], ends[:, :-1]], axis=1)
 
@@ -502,9 +507,22 @@ def relu_scan(
     return jnp.where(lengths[:, None] > 0, final_state, h0), states
 
 
+def upper_block_size(maps: int) -> int:
+    """Maps a block groups at the level above ``maps`` maps: the fewest levels of at most
+    ``MAX_UPPER_BLOCK_SIZE`` that reach one block, with the smallest size that keeps them that
+    few (7,813 maps: two levels of 89, not 128 and 62)."""
+    depth, reach = 1, MAX_UPPER_BLOCK_SIZE
+    while reach < maps:
+        depth, reach = depth + 1, reach * MAX_UPPER_BLOCK_SIZE
+    size = max(1, math.ceil(maps ** (1 / depth)) - 1)
+    while size**depth < maps:  # the float root may round either way
+        size += 1
+    return size
+
+
 def levels(time: int, block_size: int) -> int:
     """Loops deep the blocked scan is for ``time`` steps (1 when one block holds them all)."""
     depth, n = 1, math.ceil(time / block_size)
     while n > 1:
-        depth, n = depth + 1, math.ceil(n / UPPER_BLOCK_SIZE)
+        depth, n = depth + 1, math.ceil(n / upper_block_size(n))
     return depth
