@@ -3,7 +3,8 @@
 For each sequence length T and batch size, times the forward pass and the training step
 (forward, backward, Adam update) of the L1-norm network, every implementation in the same run.
 Compile time (the first call) is reported apart; times are medians of repeats after a warm-up,
-each synchronised (``block_until_ready`` / ``torch.cuda.synchronize``). A configuration whose
+each synchronised (``block_until_ready`` / ``torch.cuda.synchronize``). The two rnnjax methods
+are timed in alternation, call by call, so that their ratio sees the same machine. A configuration whose
 predicted time or memory is over budget is skipped, and the table says why. The training step
 at T = 1e5, batch 1024 is also compiled (not run) for each method to read its temporary memory.
 
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
 import baselines  # noqa: E402
-from timing import machine, measure  # noqa: E402
+from timing import machine, measure, measure_alternating  # noqa: E402
 
 from rnnjax import ReLUCell  # noqa: E402
 from rnnjax.recurrence import AUTO_PARALLEL_FROM, resolve_method  # noqa: E402
@@ -74,35 +75,52 @@ def skip_reason(name, mode, time, batch, previous, args) -> str | None:
 
 def run_grid(args, bar) -> list[dict]:
     """Times every implementation at one (batch, T) before the next, so that a ratio compares
-    times taken seconds apart: this machine's speed drifts by up to 2x over minutes."""
+    times taken seconds apart (this machine's speed drifts by up to 2x over minutes), and the
+    two rnnjax methods in alternation, call by call (``measure_alternating``): their ratio is
+    what issue 6's targets are stated in."""
     rows = []
     previous = {}  # (implementation, batch, mode): (time, median ms) of the last one measured
     for batch, time in itertools.product(args.batches, sorted(args.lengths)):
         problem = None
-        for name in args.implementations:
-            reasons = {m: skip_reason(name, m, time, batch, previous.get((name, batch, m)), args)
-                       for m in MODES}
-            closures = None
+        for group in _alternated(args.implementations):
+            closures = {}
             for mode_index, mode in enumerate(MODES):
-                row = {"implementation": name, "mode": mode, "time": time, "batch": batch}
-                if reasons[mode] is None:
-                    if closures is None:
+                group_rows, runnable = {}, {}
+                for name in group:
+                    group_rows[name] = {"implementation": name, "mode": mode, "time": time,
+                                        "batch": batch}
+                    reason = skip_reason(name, mode, time, batch,
+                                         previous.get((name, batch, mode)), args)
+                    if reason is not None:
+                        group_rows[name]["skipped"] = reason
+                        continue
+                    if name not in closures:
                         problem = problem or baselines.problem(time, batch)
-                        closures = IMPLEMENTATIONS[name](*problem)
-                    fn, sync = closures[mode_index], closures[2]
-                    try:
-                        row.update(measure(fn, budget_s=args.budget_s, sync=sync))
+                        closures[name] = IMPLEMENTATIONS[name](*problem)
+                    runnable[name] = closures[name][mode_index], closures[name][2]
+                results = measure_alternating(runnable, budget_s=args.budget_s * len(runnable))
+                for name, row in group_rows.items():
+                    result = results.get(name)
+                    if isinstance(result, Exception):
+                        message = str(result).splitlines()[0][:120] if str(result) else ""
+                        row["skipped"] = f"failed: {type(result).__name__}: {message}"
+                    elif result is not None:
+                        row.update(result)
                         previous[name, batch, mode] = (time, row["median_ms"])
-                    except Exception as e:  # out of memory, or a backend refusing the size
-                        row["skipped"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                else:
-                    row["skipped"] = reasons[mode]
-                rows.append(row)
-                shown = f"{row['median_ms']:10.3f} ms" if "median_ms" in row else f"skipped ({row['skipped']})"
-                bar.write(f"{name:24s} {mode:7s} T={time:<8d} B={batch:<6d} {shown}")
-                bar.update()
+                    rows.append(row)
+                    shown = (f"{row['median_ms']:10.3f} ms" if "median_ms" in row
+                             else f"skipped ({row['skipped']})")
+                    bar.write(f"{name:24s} {mode:7s} T={time:<8d} B={batch:<6d} {shown}")
+                    bar.update()
             del closures
     return rows
+
+
+def _alternated(names: list[str]) -> list[list[str]]:
+    """``names`` in groups timed together: the rnnjax methods as one, each other alone."""
+    pair = [name for name in names if name in (SEQUENTIAL, PARALLEL)]
+    return [pair if name == pair[0] else [name] for name in names
+            if name not in pair or name == pair[0]]
 
 
 def compiled_memory_gb(time: int, batch: int) -> dict[str, float]:

@@ -20,24 +20,51 @@ def measure(fn: Callable[[], object], *, budget_s: float, max_repeats: int = 50,
     Returns:
       ``{"first_call_ms", "median_ms", "min_ms", "repeats"}``.
     """
-    start = time.perf_counter()
-    sync(fn())
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    sync(fn())  # warm-up
-    one = time.perf_counter() - start
-    repeats = int(max(3, min(max_repeats, budget_s / max(one, 1e-9))))
-    times = []
+    result = measure_alternating({"fn": (fn, sync)}, budget_s=budget_s,
+                                 max_repeats=max_repeats)["fn"]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def measure_alternating(fns: dict[str, tuple[Callable[[], object], Callable[[object], object]]],
+                        *, budget_s: float, max_repeats: int = 50) -> dict[str, dict | Exception]:
+    """Times several ``(fn, sync)`` as ``measure`` does, their repeats in turn (a, b, a, b, ...):
+    a drift in the machine's speed then reaches each alike, which a ratio between them needs.
+
+    Args:
+      fns: name -> ``(fn, sync)``; ``sync`` waits for ``fn()``'s result.
+      budget_s: seconds for the repeats of all of them together.
+      max_repeats: the most repeats of each (at least 3).
+
+    Returns:
+      name -> ``measure``'s dict, or the exception its first call or warm-up raised (out of
+      memory, a backend refusing the size): the others are still timed.
+    """
+    results, one = {}, {}
+    for name, (fn, sync) in fns.items():
+        try:
+            start = time.perf_counter()
+            sync(fn())
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            sync(fn())  # warm-up
+            one[name] = time.perf_counter() - start
+            results[name] = {"first_call_ms": first * 1e3}
+        except Exception as e:  # noqa: BLE001 (reported to the caller, per function)
+            results[name] = e
+    repeats = int(max(3, min(max_repeats, budget_s / max(sum(one.values()), 1e-9))))
+    times = {name: [] for name in one}
     for _ in range(repeats):
-        start = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - start)
-    return {
-        "first_call_ms": first * 1e3,
-        "median_ms": statistics.median(times) * 1e3,
-        "min_ms": min(times) * 1e3,
-        "repeats": repeats,
-    }
+        for name in one:
+            fn, sync = fns[name]
+            start = time.perf_counter()
+            sync(fn())
+            times[name].append(time.perf_counter() - start)
+    for name, samples in times.items():
+        results[name].update(median_ms=statistics.median(samples) * 1e3,
+                             min_ms=min(samples) * 1e3, repeats=repeats)
+    return results
 
 
 def machine() -> dict:

@@ -83,3 +83,24 @@ def test_parallel_training_step_memory_stays_a_small_multiple_of_the_inputs():
     inputs_bytes = 4 * time * batch
     assert train_step_memory("sequential", time, batch) < 3.5 * inputs_bytes
     assert train_step_memory("parallel", time, batch) < 7.5 * inputs_bytes
+
+
+def test_measure_alternating_times_in_turn_and_reports_a_failure_apart():
+    from timing import measure_alternating
+
+    calls = []
+
+    def recorder(name):
+        return lambda: calls.append(name)
+
+    def fails():
+        raise MemoryError("out of memory")
+
+    fns = {"a": (recorder("a"), lambda _: None), "broken": (fails, lambda _: None),
+           "b": (recorder("b"), lambda _: None)}
+    results = measure_alternating(fns, budget_s=0.0)
+    assert isinstance(results["broken"], MemoryError)
+    assert results["a"]["repeats"] == results["b"]["repeats"] == 3
+    # First call and warm-up of each, then the repeats in turn.
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert results["a"]["median_ms"] >= 0 and results["a"]["first_call_ms"] >= 0
