@@ -3,10 +3,11 @@
 For each sequence length T and batch size, times the forward pass and the training step
 (forward, backward, Adam update) of the L1-norm network, every implementation in the same run.
 Compile time (the first call) is reported apart; times are medians of repeats after a warm-up,
-each synchronised (``block_until_ready`` / ``torch.cuda.synchronize``). The two rnnjax methods
-are timed in alternation, call by call, so that their ratio sees the same machine. A configuration whose
-predicted time or memory is over budget is skipped, and the table says why. The training step
-at T = 1e5, batch 1024 is also compiled (not run) for each method to read its temporary memory.
+each synchronised (``block_until_ready`` / ``torch.cuda.synchronize``); the two rnnjax
+methods are timed in alternation, call by call, so that their ratio sees the same machine. A
+configuration whose predicted time or memory is over budget is skipped, and the table says why.
+The training step at T = 1e5, batch 1024 is also compiled (not run) for each method to read its
+temporary memory.
 
     python benchmarks/suite.py                                   # the whole grid (~12 min, 2 cores)
     python benchmarks/suite.py --lengths 10000 --batches 1 8     # the 10,000-step sequence only
