@@ -452,6 +452,22 @@ def _scan_feature(w, inputs, lengths, growing, block_size):
     return final_state, jnp.where(position < lengths[:, None], states, 0)
 
 
+@jax.custom_jvp
+def _add_to_first_step(inputs: jax.Array, first: jax.Array) -> jax.Array:
+    """Adds ``first`` ``(batch, features)`` to step 0 of ``inputs`` ``(batch, time, features)``.
+
+    An elementwise select, which fuses into the inputs' producer (a scatter into step 0 copied
+    the inputs first). Its tangent is the scatter, whose transpose is a slice: the select's
+    would broadcast ``first`` over every step and reduce a ``(batch, time)`` array back."""
+    return inputs + jnp.where(jnp.arange(inputs.shape[1])[:, None] == 0, first[:, None], 0)
+
+
+@_add_to_first_step.defjvp
+def _add_to_first_step_jvp(primals, tangents):
+    (inputs, first), (dinputs, dfirst) = primals, tangents
+    return _add_to_first_step(inputs, first), dinputs.at[:, 0].add(dfirst)
+
+
 def relu_scan(
     w: jax.Array,
     inputs: jax.Array,
@@ -492,9 +508,7 @@ def relu_scan(
     if not (isinstance(size, int) and size >= 1):
         raise ValueError(f"block_size must be a positive integer; received {block_size!r}.")
     # The first step sees w*h0 + u_0 (summed as the loop sums it), so the scan starts from 0.
-    # (An elementwise select, not a scatter into step 0: it fuses into the inputs' producer,
-    # where a scatter copied the (batch, time) inputs first.)
-    inputs = inputs + jnp.where(jnp.arange(time)[:, None] == 0, h0[:, None] * w, 0)
+    inputs = _add_to_first_step(inputs, h0 * w)
     growing = jnp.any(jnp.abs(w) > 1)  # one branch for every feature, also under vmap
 
     def scan_feature(w, inputs):  # w () and inputs (batch, time): one feature's recurrence

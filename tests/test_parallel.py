@@ -425,18 +425,50 @@ def test_second_derivatives_at_a_zero_recurrent_weight():
         assert float(jax.jit(jax.hessian(final), static_argnums=1)(0.0, method)) == 2.0
 
 
+def step_by_step(w, inputs, lengths, h0):
+    """``relu_scan`` one step at a time (a ``lax.scan``): the reference for derivatives, run in
+    float64."""
+    def step(carry, u):
+        h, t = carry
+        h = jnp.where(t < lengths[:, None], jnp.maximum(w * h + u, 0), h)
+        return (h, t + 1), jnp.where(t < lengths[:, None], h, 0)
+    (h, _), states = jax.lax.scan(step, (h0, 0), jnp.swapaxes(inputs, 0, 1))
+    return h, jnp.swapaxes(states, 0, 1)
+
+
+def test_derivatives_through_the_initial_state_equal_the_loops():
+    """The initial state enters the first step as ``w * h0``: gradients, jvp and hessian in
+    ``(w, h0)`` and the inputs' gradient, over three blocks and a length of 0, against the loop
+    in float64. The first sequence's states never reach 0 (inputs of mean 3, w > 0), so every
+    state depends on h0; the third's do."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(8)
+        inputs = jnp.asarray(rng.normal(size=(3, 150, 2)) + np.array([3.0, 0, 0])[:, None, None])
+        lengths, weights = jnp.array([150, 0, 70]), jnp.asarray(rng.normal(size=(3, 150, 2)))
+        w, h0 = jnp.array([0.9, 0.5]), jnp.asarray(np.abs(rng.normal(size=(3, 2))) * 2)
+
+        def loss(scan):
+            def value(w, h0, inputs):
+                final_state, states = scan(w, inputs, lengths, h0, **kwargs[scan])
+                return jnp.sum(final_state**2) + jnp.sum(jnp.sin(states) * weights)
+            return value
+
+        kwargs = {step_by_step: {}, relu_scan: {"block_size": 64}}
+        grads = [jax.grad(loss(scan), argnums=(0, 1, 2))(w, h0, inputs)
+                 for scan in (step_by_step, relu_scan)]
+        tangents = (jnp.array([0.3, -1.0]), jnp.ones_like(h0), jnp.zeros_like(inputs))
+        jvps = [jax.jvp(loss(scan), (w, h0, inputs), tangents) for scan in (step_by_step, relu_scan)]
+        hessians = [jax.hessian(loss(scan), argnums=(0, 1))(w, h0, inputs)
+                    for scan in (step_by_step, relu_scan)]
+    chex.assert_trees_all_close(*grads, rtol=1e-9, atol=1e-12)
+    chex.assert_trees_all_close(*jvps, rtol=1e-9, atol=1e-12)
+    chex.assert_trees_all_close(*hessians, rtol=1e-9, atol=1e-12)
+
+
 def test_second_derivatives_at_a_zero_recurrent_weight_past_the_first_block():
     """The same at w = 0 where the last step lies in a later block, unmasked inputs past the
     lengths (the final state's tangent through that block's prefix map dropped d(w**k)/dw:
     103.9 for 105.2 in the audit)."""
-
-    def loop(w, inputs, lengths, h0):  # the float64 reference: one step at a time
-        def step(carry, u):
-            h, t = carry
-            h = jnp.where(t < lengths[:, None], jnp.maximum(w * h + u, 0), h)
-            return (h, t + 1), jnp.where(t < lengths[:, None], h, 0)
-        (h, _), states = jax.lax.scan(step, (h0, 0), jnp.swapaxes(inputs, 0, 1))
-        return h, jnp.swapaxes(states, 0, 1)
 
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
@@ -452,7 +484,7 @@ def test_second_derivatives_at_a_zero_recurrent_weight_past_the_first_block():
             return value
 
         w = jnp.array([0.0, -1e-30, 0.999])
-        second = [jax.hessian(loss(scan))(w) for scan in (loop, relu_scan)]
+        second = [jax.hessian(loss(scan))(w) for scan in (step_by_step, relu_scan)]
     chex.assert_trees_all_close(*second, rtol=1e-9)
 
 
