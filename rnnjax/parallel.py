@@ -53,6 +53,10 @@ passes the largest float.
   where the line reaches ``tiny``: no state lies in between, so the map is unchanged on every
   state (a kink flushed to 0 had shifted the line by up to ``tiny`` in the domain, which
   ``|w|^k`` then amplified: 8% off at ``w = 2``, ``inf`` at ``w = 3``, in the second audit).
+  Only a segment that reaches ``tiny`` has such a kink: one that ends at 0 maps every state
+  past 0 to its end value (taking it for one put a kink in every block whose
+  ``|w|^k * tiny`` exceeded the next input, 2.2 off at ``w = -2``, 128 steps a block, in the
+  third audit).
 - ``start`` and ``start_value`` are clamped to ``[0, M]``.
   ``end`` and ``end_value`` may be ``+inf`` (a segment that never ends).
 - Differences ``h - start``, ``value - start_value`` are of non-negative finite numbers, or

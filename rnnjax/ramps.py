@@ -247,8 +247,10 @@ def then_step(ramp: Ramp, w: jax.Array, u: jax.Array, slope: Slope, *,
     value_at_end = jnp.where(w == 0, 0, w * ramp.end_value) + u  # 0 * inf is 0 here
     rising = slope.lead > 0
     reach = multiply(tiny, slope)  # what the line gains from 0 to tiny; per feature, cheap
-    below = ((ramp.start == 0) & (value_at_start * slope.lead < 0)  # 0 is reached ahead,
-             & (jnp.abs(value_at_start) < jnp.abs(reach)) & growing)  # before tiny
+    # The line reaches 0 ahead, before tiny, within a segment that reaches tiny (one that
+    # ends at 0 maps every state past 0 to its end value).
+    below = ((ramp.start == 0) & (ramp.end > 0) & (value_at_start * slope.lead < 0)
+             & (jnp.abs(value_at_start) < jnp.abs(reach)) & growing)
     anchored = below & rising
     kink = jnp.clip(
         ramp.start - divide(jnp.where(anchored, value_at_start - tiny, value_at_start), slope),
