@@ -120,8 +120,8 @@ def run_grid(args, bar) -> list[dict]:
 def _alternated(names: list[str]) -> list[list[str]]:
     """``names`` in groups timed together: the rnnjax methods as one, each other alone."""
     pair = [name for name in names if name in (SEQUENTIAL, PARALLEL)]
-    return [pair if name == pair[0] else [name] for name in names
-            if name not in pair or name == pair[0]]
+    return [[name] if name not in pair else pair for name in names
+            if name not in pair[1:]]
 
 
 def compiled_memory_gb(time: int, batch: int) -> dict[str, float]:

@@ -104,3 +104,10 @@ def test_measure_alternating_times_in_turn_and_reports_a_failure_apart():
     # First call and warm-up of each, then the repeats in turn.
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
     assert results["a"]["median_ms"] >= 0 and results["a"]["first_call_ms"] >= 0
+
+
+def test_the_rnnjax_methods_are_grouped_and_the_rest_timed_alone():
+    assert suite._alternated(list(suite.IMPLEMENTATIONS)) == [
+        [suite.SEQUENTIAL, suite.PARALLEL], ["flax nn.RNN"], ["torch nn.RNN"], ["seed loop"]]
+    assert suite._alternated(["flax nn.RNN", "seed loop"]) == [["flax nn.RNN"], ["seed loop"]]
+    assert suite._alternated([suite.PARALLEL, "flax nn.RNN"]) == [[suite.PARALLEL], ["flax nn.RNN"]]
