@@ -8,6 +8,7 @@ they run directly.
 import os
 import subprocess
 import sys
+import warnings
 
 import chex
 import jax
@@ -30,8 +31,17 @@ four_devices = pytest.mark.skipif(
 def test_on_four_simulated_cpu_devices():
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "four_devices"], env=env, capture_output=True, text=True, timeout=600)
+    # -s: a message XLA's runtime writes before it aborts reaches run.stderr (pytest's capture
+    # would lose it with the process).
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__, "-k", "four_devices"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode < 0:
+        # Killed by a signal inside XLA's simulated-device runtime: seen once in CI (SIGABRT while
+        # fit dispatched a step; 25 runs on a machine of the same kind passed). One rerun; a
+        # second crash or any failing assertion fails the test.
+        warnings.warn(f"the 4-device tests were killed by signal {-run.returncode}; rerunning once:\n"
+                      + run.stderr[-4000:])
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "3 passed" in run.stdout and "skipped" not in run.stdout, run.stdout
 
