@@ -26,7 +26,7 @@ _ACCELERATOR_UNROLL = 8
 
 # From this many steps on, "auto" runs a ReLU cell in parallel on a CPU too. The loop's float32
 # L1 norm of N(0, 1) inputs, worst of 40 sequences, is 5.2e-7 off at 256 steps, 8.6e-7 at 512,
-# 1.1e-6 at 1024 and 0.46 at 1e8; the blocked scan's is 2e-7 or less at every length up to 1e8
+# 1.1e-6 at 1024 and 0.46 at 1e8; the blocked scan's is 2.3e-7 or less at every length up to 1e8
 # (benchmarks/NOTES.md, "What auto picks").
 AUTO_PARALLEL_FROM = 256
 
