@@ -37,7 +37,7 @@ def test_on_four_simulated_cpu_devices():
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if run.returncode < 0:
         # Killed by a signal inside XLA's simulated-device runtime: seen once in CI (SIGABRT while
-        # fit dispatched a step; 25 runs on a machine of the same kind passed). One rerun; a
+        # fit dispatched a step; 26 runs on a machine of the same kind passed). One rerun; a
         # second crash or any failing assertion fails the test.
         warnings.warn(f"the 4-device tests were killed by signal {-run.returncode}; rerunning once:\n"
                       + run.stderr[-4000:])
