@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from rnnjax import inputs, runs, sweep_runs, tasks
+from rnnjax.devices import device_mesh
 from rnnjax.recipes import RECIPES
 from rnnjax.recurrence import METHODS
 from rnnjax.sweep import summarize as sweep_summary
@@ -185,9 +186,24 @@ def demo(args) -> int:
     return 0
 
 
+def _check_devices(devices: int | None, batch_size: int | None = None) -> None:
+    """Refuses, naming the flags, a ``--devices`` beyond JAX's devices or a batch of
+    ``batch_size`` sequences that they do not split evenly."""
+    try:
+        count = device_mesh(devices).size
+    except ValueError as e:
+        raise ValueError(f"--devices: {e}") from None
+    if batch_size is not None and batch_size % count:
+        raise ValueError(f"--batch-size {batch_size} does not split evenly over {count} devices; "
+                         f"give a multiple of {count}, or a --devices that divides {batch_size}")
+
+
 def train(args) -> int:
     if not args.out and (args.resume or args.overwrite or args.checkpoint_every):
         raise ValueError("--resume, --overwrite and --checkpoint-every need --out")
+    # A resumed run keeps its saved batch size, which fit checks against the devices itself.
+    _check_devices(args.devices, None if args.resume else
+                   tasks.task_settings(args.task, recipe=args.recipe, batch_size=args.batch_size)["batch_size"])
     given = {"recipe": args.recipe, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
              "length": args.max_length, "tol": args.tol, "skip_nonfinite": args.skip_nonfinite}
     created = False
@@ -291,8 +307,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed,
                    help="first seed to try (default 0); a dead init draws again from the next seed")
     p.add_argument("--tol", type=_tolerance,
-                   help="stop once W_ih and W_hh (l1-learned: its two slopes and W_hh) are within TOL "
-                        "of 1 (default 1e-9: exactly 1.0 in float32, which long sequences need)")
+                   help="stop once W_ih and W_hh are within TOL of 1 (default 1e-9: exactly 1.0 in "
+                        "float32, which long sequences need; l1-learned: W_hh within TOL, its two "
+                        f"slopes within max(TOL, {tasks.SLOPE_TOL:g}))")
     p.add_argument("--skip-nonfinite", type=_count, metavar="N",
                    help="skip up to N non-finite updates in a row (optax.apply_if_finite) instead of "
                         "stopping as diverged at the first (default 0)")
@@ -338,6 +355,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def sweep(args) -> int:
+    _check_devices(args.devices)  # seeds are padded to a multiple of the devices
     created = args.out and sweep_runs.prepare_sweep_folder(args.out, overwrite=args.overwrite)
     try:
         settings, result = tasks.sweep_task(

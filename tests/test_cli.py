@@ -246,6 +246,8 @@ def test_the_out_folder_is_checked_before_training(count_run, tmp_path, capsys):
         (["--tol", "-1"], r"argument --tol: expected a positive finite number; received '-1'$"),
         (["--tol", "1"], r"argument --tol: expected a tolerance in \(0, 1\); received '1'$"),
         (["--skip-nonfinite", "-1"], r"argument --skip-nonfinite: expected an integer >= 0; received '-1'$"),
+        (["--devices", "99"],
+         r"--devices: devices must be an integer from 1 to \d+ \(the cpu devices JAX sees\); received 99\. "),
     ]
     for args, match in cases:
         with pytest.raises(SystemExit) as exit_info:

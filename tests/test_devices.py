@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from rnnjax.cli import main
 from rnnjax.data import l1_batch
 from rnnjax.devices import device_mesh, replicate, shard_leading_axis
 from rnnjax.models import L1Norm
@@ -82,7 +83,7 @@ def test_four_devices_train_step_on_a_sharded_batch():
 
 
 @four_devices
-def test_four_devices_fit_equals_one_device():
+def test_four_devices_fit_equals_one_device(capsys):
     settings = task_settings("l1", steps=60)
     one, four = (train_task("l1", seed=0, settings=settings, devices=n) for n in (1, 4))
     weights = four.state.params["params"]["cell"]["W_ih"]
@@ -92,3 +93,10 @@ def test_four_devices_fit_equals_one_device():
     chex.assert_trees_all_close(four.history, one.history, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"divisible by the 4 devices; received shape \(6, 10\)"):
         train_task("l1", seed=0, settings=task_settings("l1", steps=5, batch_size=6), devices=4)
+    # the command names its flags: the default batch of 8 over 3 devices, 6 over 4
+    for flags, match in [(["--devices", "3"], "--batch-size 8 does not split evenly over 3 devices; give a "
+                                              "multiple of 3, or a --devices that divides 8"),
+                         (["--devices", "4", "--batch-size", "6"], "--batch-size 6 does not split evenly over 4")]:
+        assert main(["train", "l1", "--steps", "5", *flags]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1 and match in captured.err, captured.err
