@@ -9,7 +9,9 @@ into blocks of ``block_size`` steps:
    three plain numbers a step, and forms each block's ramp from their ends;
 2. the state entering each block comes from the blocks' ramps, by the same method one level up
    (blocks of blocks, at most 128 maps a block, ``upper_block_size``), until one block is left;
-3. each block runs again from its true entering state, evaluating its prefix ramps there.
+   there the loop that composes a block's maps keeps every prefix map, and each is evaluated
+   at its block's entering state in one vectorised pass;
+3. each block of steps runs again from its true entering state.
 
 The program is ``O(log T / log block_size)`` loops deep, does ``O(T)`` work and keeps
 ``O(batch * T)`` memory. Nothing is approximated: every state is the same function of the
@@ -223,8 +225,9 @@ def _blocked_states(
       start: ``(batch,)``, the state before the first element.
       algebra, span, maps: as for ``_prefix_states``.
       step: ``step(h, element)``, one element applied to a state. Given, each block re-runs its
-        elements one by one from its entering state (the loop's own rounding); None re-runs by
-        evaluating each prefix map there (one rounding at the entering state's magnitude).
+        elements one by one from its entering state (the loop's own rounding); None evaluates
+        there each prefix map, which the loop that forms the blocks' maps keeps (one rounding
+        at the entering state's magnitude, and no second loop).
 
     Returns:
       ``(states, entering)``: ``states`` ``(size, batch * blocks)``, and ``entering`` ``(batch,
@@ -247,10 +250,15 @@ def _blocked_states(
         before, after = (None, None) if slope is None else slope
         return then(prefix, element, (before, element_slope, after)), after
 
+    prefixes = None
+    if step is None:  # every block's prefix maps, one loop: its last is the block's map
+        _, prefixes = jax.lax.scan(lambda m, x: (extend(m, x)[0],) * 2, empty, (blocks, slopes))
     if blocks_per_sequence == 1:
         entering = start[:, None]
     else:
-        if maps or algebra.spans is None:
+        if prefixes is not None:
+            block_maps = jax.tree.map(lambda x: x[-1], prefixes)
+        elif algebra.spans is None:
             block_maps, _ = jax.lax.scan(lambda m, x: (extend(m, x)[0], None), empty,
                                          (blocks, slopes))
         else:
@@ -262,11 +270,9 @@ def _blocked_states(
         entering = jnp.concatenate([start[:, None], ends[:, :-1]], axis=1)
 
     flat_entering = entering.reshape(-1)
-    if step is None:
-        def rerun(prefix, x):
-            prefix, after = extend(prefix, x)
-            return prefix, algebra.evaluate(prefix, after, flat_entering)
-        _, states = jax.lax.scan(rerun, empty, (blocks, slopes))
+    if step is None:  # each prefix map evaluated at its block's entering state, all at once
+        after = None if slopes is None else jax.tree.map(lambda x: x[:, None], slopes[1])
+        states = algebra.evaluate(prefixes, after, flat_entering)
     else:
         _, states = jax.lax.scan(lambda h, x: (step(h, x[0]),) * 2, flat_entering,
                                  (blocks, slopes))
