@@ -127,26 +127,29 @@ def default_block_size(time: int, backend: str | None = None) -> int:
 
 
 def _to_blocks(tree: Any, size: int, fill: Any) -> Any:
-    """``(batch, n)`` leaves -> ``(size, batch * blocks)``; the last block is padded with the
-    leaves of ``fill`` (padding only feeds states that are cut off).
+    """``(batch, n)`` leaves -> ``(size, blocks * batch)``, lane ``k * batch + b`` holding block
+    ``k`` of sequence ``b``; the last block is padded with the leaves of ``fill`` (padding only
+    feeds states that are cut off).
 
     The blocks of every sequence lie along one axis: the loops' work is then one-dimensional,
     which XLA compiles to plain vector code on a CPU (with a third axis, even of size 1, a
-    block's step at T = 1e6, batch 8, took 1.6x as long; ``benchmarks/NOTES.md``)."""
+    block's step at T = 1e6, batch 8, took 1.6x as long). Blocks outer and the batch inner,
+    the transpose keeps the batch as its output's minor axis, which XLA's CPU transpose runs 2
+    to 3 times as fast as with the blocks there (``benchmarks/NOTES.md``)."""
 
     def block(x, value):
         batch, n = x.shape
         blocks = -(-n // size)
         x = jnp.pad(x, ((0, 0), (0, blocks * size - n)), constant_values=value)
-        return x.reshape(batch, blocks, size).transpose(2, 0, 1).reshape(size, batch * blocks)
+        return x.reshape(batch, blocks, size).transpose(2, 1, 0).reshape(size, blocks * batch)
 
     return jax.tree.map(block, tree, fill)
 
 
 def _from_blocks(x: jax.Array, batch: int, n: int) -> jax.Array:
-    """``(size, batch * blocks)`` -> ``(batch, n)``."""
+    """``(size, blocks * batch)`` (``_to_blocks``'s layout) -> ``(batch, n)``."""
     size = x.shape[0]
-    return x.reshape(size, batch, -1).transpose(1, 2, 0).reshape(batch, -1)[:, :n]
+    return x.reshape(size, -1, batch).transpose(2, 1, 0).reshape(batch, -1)[:, :n]
 
 
 class _Algebra(NamedTuple):
@@ -221,7 +224,7 @@ def _blocked_states(
     derivative transpose the ``(batch, time)`` arrays once each way.
 
     Args:
-      blocks: a pytree of ``(size, batch * blocks)`` arrays.
+      blocks: a pytree of ``(size, blocks * batch)`` arrays.
       start: ``(batch,)``, the state before the first element.
       algebra, span, maps: as for ``_prefix_states``.
       step: ``step(h, element)``, one element applied to a state. Given, each block re-runs its
@@ -230,7 +233,7 @@ def _blocked_states(
         at the entering state's magnitude, and no second loop).
 
     Returns:
-      ``(states, entering)``: ``states`` ``(size, batch * blocks)``, and ``entering`` ``(batch,
+      ``(states, entering)``: ``states`` ``(size, blocks * batch)``, and ``entering`` ``(batch,
       blocks)``, the state before each block.
     """
     size, lanes = jax.tree.leaves(blocks)[0].shape
@@ -263,13 +266,13 @@ def _blocked_states(
                                          (blocks, slopes))
         else:
             block_maps = algebra.spans(blocks, jax.tree.map(lambda x: x[-1], table))
-        block_maps = jax.tree.map(lambda x: x.reshape(batch, blocks_per_sequence), block_maps)
+        block_maps = jax.tree.map(lambda x: x.reshape(blocks_per_sequence, batch).T, block_maps)
         ends, _ = _prefix_states(block_maps, start, algebra,
                                   upper_block_size(blocks_per_sequence),
                                   span=span * size, maps=True)
         entering = jnp.concatenate([start[:, None], ends[:, :-1]], axis=1)
 
-    flat_entering = entering.reshape(-1)
+    flat_entering = entering.T.reshape(-1)  # in the lanes' order
     if step is None:  # each prefix map evaluated at its block's entering state, all at once
         after = None if slopes is None else jax.tree.map(lambda x: x[:, None], slopes[1])
         states = algebra.evaluate(prefixes, after, flat_entering)
@@ -379,7 +382,7 @@ def _from_zero(w: jax.Array, inputs: jax.Array, lengths: jax.Array, growing: jax
     """``(final_state, states)`` of ``h_t = max(0, w*h_{t-1} + inputs_t)`` from ``h_{-1} = 0``,
     for a scalar ``w`` and ``(batch, time)`` inputs: the state after step ``lengths - 1``,
     ``(batch,)`` (0 where the length is 0), and every state in the blocks' layout of
-    ``_to_blocks``, ``(block_size, batch * blocks)`` (those past a length are not used).
+    ``_to_blocks``, ``(block_size, blocks * batch)`` (those past a length are not used).
 
     Each block re-runs the loop's own steps from its exact entering state; the last state of
     each sequence comes from ``_last_states``. ``growing`` (a boolean) must be true if ``|w| >
@@ -416,12 +419,12 @@ def _from_zero_jvp(block_size, primals, tangents):
     size, lanes = states.shape
     batch = lengths.shape[0]
     blocks_per_sequence = lanes // batch
-    block = jnp.arange(lanes) % blocks_per_sequence
+    block = jnp.arange(lanes) // batch
     positions = block * size + jnp.arange(size)[:, None]  # the step of each element
-    lane_lengths = jnp.repeat(lengths, blocks_per_sequence)
+    lane_lengths = jnp.tile(lengths, blocks_per_sequence)
     # The state before each step: the block's previous one, or the previous block's last (0
     # before a sequence's first block).
-    before_block = jnp.where(block == 0, 0, jnp.roll(states[-1], 1))
+    before_block = jnp.where(block == 0, 0, jnp.roll(states[-1], batch))
     previous = jnp.concatenate([before_block[None], states[:-1]], axis=0)
     # The ReLU's derivative is 1 where it fired (strictly, as jax.nn.relu's: the state is
     # positive) and 0 elsewhere, past each length included, so tangents there are 0 like the
@@ -438,7 +441,7 @@ def _from_zero_jvp(block_size, primals, tangents):
     # block's prefix map: a span's `a` is 0 where w == 0 and would drop d(w**k)/dw, which
     # second derivatives at w = 0 need.
     last = jnp.maximum(lengths - 1, 0)
-    lane = jnp.arange(batch) * blocks_per_sequence + last // size
+    lane = last // size * batch + jnp.arange(batch)
     last_block = jax.tree.map(lambda x: jnp.take(x, lane, axis=1), (jacobians, drive))
 
     def step_if(y, x):  # steps past the last one leave the tangent as it is
