@@ -105,10 +105,10 @@ from rnnjax import ramps
 
 __all__ = ["relu_scan", "default_block_size", "upper_block_size", "levels"]
 
-# Steps per block: on a CPU 64 up to 2**15 steps and 128 beyond (benchmarks/NOTES.md, "Block
-# size"); on an accelerator 32, not yet measured.
+# Steps per block: on a CPU 64 up to 2**15 steps and 256 beyond (benchmarks/NOTES.md, "Block
+# size" and "The blocks' layout"); on an accelerator 32, not yet measured.
 _LONG = 2**15
-_BLOCK_SIZE = {"cpu": (64, 128)}
+_BLOCK_SIZE = {"cpu": (64, 256)}
 _ACCELERATOR_BLOCK_SIZE = (32, 32)
 # The levels above the first group at most this many maps a block, in as few levels as that
 # allows and blocks of equal size (upper_block_size): each level is a loop that XLA compiles,
