@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
-# The whole suite, accuracy up to 1e8 steps included: about 10 minutes on 2 CPU cores.
+# The whole suite, accuracy up to 1e8 steps included: about 5 to 10 minutes on 2 CPU cores.
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/suite.py
 

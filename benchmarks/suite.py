@@ -165,7 +165,7 @@ def check_targets(rows, info, memory=None) -> list[str]:
         if a is None or b is None:
             lines.append(f"- {mode} T={time} B={batch}: {other} / rnnjax >= {target}x: not measured")
         else:
-            lines.append(f"- {mode} T={time} B={batch}: {other} / rnnjax = {a / b:,.0f}x "
+            lines.append(f"- {mode} T={time} B={batch}: {other} / rnnjax = {a / b:,.1f}x "
                          f"(target >= {target}x): {verdict(a / b >= target)}")
 
     if info["backend"] == "cpu":
