@@ -38,9 +38,9 @@ once. The slopes ``w^k`` are
 computed from ``k`` by ``rnnjax.ramps.powers``, each rounded once, so their rounding does not
 compound over the blocks (at ``w = 0.99999``, ``T = 1e5``, float32, ``h_t = w^(t+1)`` is within
 122 eps of exact at every step, the loop's 98: each block's re-run is the loop's own rounding
-over its 256 steps, which on this input all round one way, 61 eps with 128 a block). ``tests/test_parallel.py`` checks the bound by
-property tests over that domain, including tiny states growing through spans whose ``|w|^k``
-passes the largest float.
+over its 256 steps, which on this input all round one way; 61 eps with 128 a block).
+``tests/test_parallel.py`` checks the bound by property tests over that domain, including tiny
+states growing through spans whose ``|w|^k`` passes the largest float.
 
 **Why every quantity stays finite** (invariants of ``rnnjax.ramps``):
 
@@ -141,7 +141,7 @@ def _to_blocks(tree: Any, size: int, fill: Any) -> Any:
     which XLA compiles to plain vector code on a CPU (with a third axis, even of size 1, a
     block's step at T = 1e6, batch 8, took 1.6x as long). Blocks outer and the batch inner,
     the transpose keeps the batch as its output's minor axis, which XLA's CPU transpose runs 2
-    to 3 times as fast as with the blocks there (``benchmarks/NOTES.md``)."""
+    to 3.3 times as fast as with the blocks there (``benchmarks/NOTES.md``)."""
 
     def block(x, value):
         batch, n = x.shape

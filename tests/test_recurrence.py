@@ -86,10 +86,17 @@ grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnames=("cell", "met
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), time=st.sampled_from([1, 2, 9, 30]), diagonal=st.booleans())
-def test_parallel_gradients_match_sequential(seed, time, diagonal):
+def test_parallel_gradients_match_the_float64_loop(seed, time, diagonal):
+    """Against the loop in float64, not the float32 loop: each float32 method can be within the
+    tolerance of exact and twice it from the other (seed 1,989,764,020, T = 30: d/dW_hh 35.13070
+    parallel, 35.13157 sequential, 35.13119 exact)."""
     cell, params, xs, lengths, h0 = draw_case(seed, 4, time, 3 if diagonal else 1, diagonal, True)
     args = (params, jnp.asarray(xs), jnp.asarray(h0), jnp.asarray(lengths), cell)
-    chex.assert_trees_all_close(grads(*args, method="parallel"), grads(*args, method="sequential"),
+    with jax.enable_x64(True):
+        args64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), args[:3])
+        exact = jax.tree.map(np.asarray, grads(*args64, *args[3:], method="sequential"))
+    chex.assert_trees_all_close(grads(*args, method="parallel"),
+                                jax.tree.map(lambda a: a.astype(np.float32), exact),
                                 rtol=2e-5, atol=2e-5)
 
 
