@@ -219,7 +219,9 @@ def markdown(rows, info, targets, errors=()) -> str:
            f"jax {info['jax']}, torch {info['torch']}; {info['date']}.",
            "Medians in ms; compile time is not included (see below). Ratios are measured in the same "
            "run: the blocked parallel scan over the sequential loop, and each baseline over rnnjax "
-           f"auto (sequential below {AUTO_PARALLEL_FROM} steps on a CPU, the parallel scan from there).", ""]
+           "auto (" + (f"sequential below {AUTO_PARALLEL_FROM} steps on a CPU, the parallel scan from "
+                       "there)." if info["backend"] == "cpu" else "the parallel scan at every length "
+                       "on an accelerator)."), ""]
     skipped = {}
 
     def cell(row):

@@ -111,11 +111,16 @@ from rnnjax import ramps
 
 __all__ = ["relu_scan", "default_block_size", "upper_block_size", "levels"]
 
-# Steps per block: on a CPU 64 up to 2**15 steps and 256 beyond (benchmarks/NOTES.md, "Block
-# size" and "The blocks' layout"); on an accelerator 32, not yet measured.
+# Steps per block, and lax.scan's unroll for the loops over a block's elements. On a CPU 64
+# steps up to 2**15 steps and 256 beyond (benchmarks/NOTES.md, "Block size" and "The blocks'
+# layout"), rolled (unrolling never paid there). On an accelerator 32, rolled: of 32, 64 and 128
+# it was the fastest on an H200, and unrolling (8 at 32 steps, or 16 at 16), though 4 to 9
+# times as fast at T = 1e4, batch 1, took 14 to 46 s to compile (NOTES, "GPU"; benchmarks/tune.py).
 _LONG = 2**15
 _BLOCK_SIZE = {"cpu": (64, 256)}
 _ACCELERATOR_BLOCK_SIZE = (32, 32)
+_UNROLL = {"cpu": 1}
+_ACCELERATOR_UNROLL = 1
 # The levels above the first group at most this many maps a block, in as few levels as that
 # allows and blocks of equal size (upper_block_size): each level is a loop that XLA compiles,
 # so fewer levels compile faster (benchmarks/NOTES.md, "Upper levels").
@@ -126,6 +131,11 @@ def default_block_size(time: int, backend: str | None = None) -> int:
     """Returns the block size ``relu_scan`` uses for sequences of ``time`` steps on ``backend``."""
     short, long = _BLOCK_SIZE.get(backend or jax.default_backend(), _ACCELERATOR_BLOCK_SIZE)
     return max(1, min(long if time > _LONG else short, time))
+
+
+def _scan(f: Callable, init: Any, xs: Any) -> tuple[Any, Any]:
+    """``jax.lax.scan`` over a block's elements, unrolled as suits the default backend."""
+    return jax.lax.scan(f, init, xs, unroll=_UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,15 +271,15 @@ def _blocked_states(
 
     prefixes = None
     if step is None:  # every block's prefix maps, one loop: its last is the block's map
-        _, prefixes = jax.lax.scan(lambda m, x: (extend(m, x)[0],) * 2, empty, (blocks, slopes))
+        _, prefixes = _scan(lambda m, x: (extend(m, x)[0],) * 2, empty, (blocks, slopes))
     if blocks_per_sequence == 1:
         entering = start[:, None]
     else:
         if prefixes is not None:
             block_maps = jax.tree.map(lambda x: x[-1], prefixes)
         elif algebra.spans is None:
-            block_maps, _ = jax.lax.scan(lambda m, x: (extend(m, x)[0], None), empty,
-                                         (blocks, slopes))
+            block_maps, _ = _scan(lambda m, x: (extend(m, x)[0], None), empty,
+                                  (blocks, slopes))
         else:
             block_maps = algebra.spans(blocks, jax.tree.map(lambda x: x[-1], table))
         block_maps = jax.tree.map(lambda x: x.reshape(blocks_per_sequence, batch).T, block_maps)
@@ -283,8 +293,7 @@ def _blocked_states(
         after = None if slopes is None else jax.tree.map(lambda x: x[:, None], slopes[1])
         states = algebra.evaluate(prefixes, after, flat_entering)
     else:
-        _, states = jax.lax.scan(lambda h, x: (step(h, x[0]),) * 2, flat_entering,
-                                 (blocks, slopes))
+        _, states = _scan(lambda h, x: (step(h, x[0]),) * 2, flat_entering, (blocks, slopes))
     return states, entering
 
 
@@ -306,7 +315,7 @@ def _last_states(block: Any, entering: jax.Array, lengths: jax.Array,
         new = algebra.then(prefix, element, (None, element_slope, after))
         return jax.tree.map(lambda n, old: jnp.where(take, n, old), new, prefix), None
 
-    prefix, _ = jax.lax.scan(
+    prefix, _ = _scan(
         then_if, algebra.identity((batch,), entering.dtype),
         (jnp.arange(size)[:, None] <= last_step, block, jax.tree.map(lambda x: x[1:], table)))
     start = jnp.take_along_axis(entering, last_block[:, None], axis=1)[:, 0]
@@ -369,13 +378,13 @@ def _ramps(w: jax.Array, growing: bool) -> _Algebra:
         evaluate=functools.partial(ramps.evaluate, growing=growing),
         powers=lambda counts: _powers(w, counts),
         # Three plain runs of the loop a block where no slope exceeds 1 (rnnjax.ramps.of_runs).
-        spans=None if growing else lambda blocks, slope: ramps.of_runs(w, blocks, slope),
+        spans=None if growing else lambda blocks, slope: ramps.of_runs(w, blocks, slope, scan=_scan),
     )
 
 
 def _powers(w: jax.Array, counts: np.ndarray) -> ramps.Slope:
     """``rnnjax.ramps.powers`` of a scalar ``w``: ``w**k`` for each ``k`` of ``counts``."""
-    return jax.tree.map(lambda x: x[:, 0], ramps.powers(w[None], counts))
+    return jax.tree.map(lambda x: x[:, 0], ramps.powers(w[None], counts, scan=_scan))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,7 +463,7 @@ def _from_zero_jvp(block_size, primals, tangents):
         take, (jacobian, d) = x
         return jnp.where(take, jacobian * y + d, y), None
 
-    dlast, _ = jax.lax.scan(
+    dlast, _ = _scan(
         step_if, jnp.take_along_axis(dentering, (last // size)[:, None], axis=1)[:, 0],
         (jnp.arange(size)[:, None] <= last % size, last_block))
     dfinal_state = jnp.where(lengths > 0, dlast, 0)

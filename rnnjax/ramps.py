@@ -108,7 +108,7 @@ def _times(a: tuple, b: tuple) -> tuple:
     return high, error - (high - product)
 
 
-def powers(w: jax.Array, counts: np.ndarray) -> Slope:
+def powers(w: jax.Array, counts: np.ndarray, *, scan=jax.lax.scan) -> Slope:
     """Returns ``w**k`` for each ``k`` of ``counts``, each rounded once to ``w``'s dtype.
 
     Binary powering in double length (products of ``(high, low)`` pairs) with the binary
@@ -118,6 +118,8 @@ def powers(w: jax.Array, counts: np.ndarray) -> Slope:
     Args:
       w: ``(features,)`` floats (float32 or float64).
       counts: ``(n,)`` non-negative integers, static.
+      scan: the ``jax.lax.scan`` that runs the loop over the bits (``rnnjax.parallel`` passes
+        one unrolled as suits the backend).
 
     Returns:
       A ``Slope`` of ``(n, features)`` arrays.
@@ -177,7 +179,7 @@ def powers(w: jax.Array, counts: np.ndarray) -> Slope:
     takes = (counts[None] >> bits[:, None, None]) & 1 == 1
     initial = (result, jnp.zeros(shape, jnp.int32), base, base_exponent,
                slope_of(result, jnp.zeros(shape, jnp.int32)))
-    (*_, slope), _ = jax.lax.scan(next_bit, initial, jnp.asarray(takes))
+    (*_, slope), _ = scan(next_bit, initial, jnp.asarray(takes))
     # A barrier, so that no compiler folds a constant table into lead * scale * scale.
     return jax.lax.optimization_barrier(slope)
 
@@ -267,7 +269,7 @@ def then_step(ramp: Ramp, w: jax.Array, u: jax.Array, slope: Slope, *,
     )
 
 
-def of_runs(w: jax.Array, inputs: jax.Array, slope: Slope) -> Ramp:
+def of_runs(w: jax.Array, inputs: jax.Array, slope: Slope, *, scan=jax.lax.scan) -> Ramp:
     """Returns the ramps of spans of the steps ``h -> max(0, w*h + u)``, one span a column of
     ``inputs`` (``(steps, spans)``, one step a row), for ``|w| <= 1``; ``slope`` is ``w**steps``.
 
@@ -279,7 +281,8 @@ def of_runs(w: jax.Array, inputs: jax.Array, slope: Slope) -> Ramp:
     that clips once follows the run from 0 or from ``inf`` from there on, since every step is
     monotone). The run from ``inf`` is ``inf`` for ``w > 0`` and, for ``w <= 0``, the run from
     0 after a first step that clips. With ``|w| <= 1``, ``|line|`` is at most the sum of the
-    inputs' magnitudes: every number is finite, and its rounding is the loop's.
+    inputs' magnitudes: every number is finite, and its rounding is the loop's. ``scan`` runs
+    the steps (``rnnjax.parallel`` passes one unrolled as suits the backend).
     """
     largest = jnp.finfo(inputs.dtype).max
 
@@ -290,7 +293,7 @@ def of_runs(w: jax.Array, inputs: jax.Array, slope: Slope) -> Ramp:
                 w * line + u), None
 
     zeros = jnp.zeros(inputs.shape[1:], inputs.dtype)
-    (at_zero, at_infinity, line), _ = jax.lax.scan(
+    (at_zero, at_infinity, line), _ = scan(
         step, (zeros, jnp.full_like(zeros, jnp.inf), zeros), inputs)
     # Where the line meets f(0) and f(inf): start <= end for either sign of the slope (the
     # differences and the slope have one sign); the clamps only absorb rounding.

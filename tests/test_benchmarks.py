@@ -115,3 +115,34 @@ def test_the_rnnjax_methods_are_grouped_and_the_rest_timed_alone():
         [suite.SEQUENTIAL, suite.PARALLEL], ["flax nn.RNN"], ["torch nn.RNN"], ["seed loop"]]
     assert suite._alternated(["flax nn.RNN", "seed loop"]) == [["flax nn.RNN"], ["seed loop"]]
     assert suite._alternated([suite.PARALLEL, "flax nn.RNN"]) == [[suite.PARALLEL], ["flax nn.RNN"]]
+
+
+def test_tune_picks_the_fastest_setting_that_is_right_and_compiles_in_time():
+    import tune
+
+    def setting(size, unroll, ms, first_ms=1000.0, error=10.0):
+        timed = {f"T={t} B={b}": {m: {"first_call_ms": first_ms, "median_ms": ms} for m in modes}
+                 for t, b, modes in tune.SHAPES}
+        return {"block_size": size, "unroll": unroll, "error_in_eps_units": error, **timed}
+
+    settings = [setting(32, "1", 2.0), setting(16, "16", 0.2, first_ms=40_000.0),
+                setting(64, "1", 1.0, error=float("inf")), setting(128, "1", 1.5),
+                {"block_size": 8, "unroll": "8", "error_in_eps_units": 5.0}]  # stopped early
+    best = tune.pick(settings, max_compile_s=12.0)
+    assert (best["block_size"], best["unroll"]) == (128, "1")
+    with pytest.raises(SystemExit, match="no setting passed"):
+        tune.pick(settings[1:3], max_compile_s=12.0)
+
+
+def test_tune_reference_is_the_masked_relu_loop_and_its_derivative():
+    import numpy as np
+    import tune
+
+    w = np.array([0.5, -2.0])
+    inputs = np.array([[[1.0, 1.0], [2.0, 3.0], [-1.0, 0.5]], [[4.0, -1.0], [9.0, 9.0], [9.0, 9.0]]])
+    final, dw = tune.reference(w, inputs, np.array([3, 1]))
+    # Sequence 0, w = 0.5: 1, 2.5, 0.25; w = -2: 1, 1, 0 (clipped). Sequence 1 stops after 1 step.
+    np.testing.assert_allclose(final, [[0.25, 0.0], [4.0, 0.0]])
+    # d/dw of h_t = w*h_{t-1} + u_t where it fires is h_{t-1} + w * dh_{t-1}: w = 0.5 gives 0,
+    # 1 + 0.5*0 = 1, 2.5 + 0.5*1 = 3; w = -2 clips at the last step (0), and sequence 1 adds 0.
+    np.testing.assert_allclose(dw, [3.0, 0.0])
