@@ -21,8 +21,12 @@ import argparse
 import importlib.util
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
+
+# JAX takes 75% of a GPU's memory when it starts; torch's baselines need room beside it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +55,15 @@ MODES = ("forward", "train")
 # mask, states, and in training the residuals and the blocked copies).
 ARRAYS = {("forward", False): 4, ("forward", True): 6, ("train", False): 10, ("train", True): 12}
 MEMORY_CHECK = (100_000, 1024)  # (T, batch) of the training step whose compiled memory is read
+# The default grids: on a CPU the whole one; on a GPU that of benchmarks/results/gpu (about 4
+# minutes on an H200), where the loop takes seconds a call from 1e5 steps on and the seed loop
+# a Python step each, with half of the GPU's memory left to torch (below).
+CPU_GRID = {"lengths": [100, 1000, 10_000, 100_000, 1_000_000], "batches": [1, 8, 1024],
+            "budget_s": 0.5, "max_call_s": 2.0, "accuracy_lengths": [10**6, 10**7, 10**8],
+            "memory_gb": 6.0, "seed_loop_max_length": 10_000}
+GPU_GRID = {"lengths": [1000, 10_000, 100_000, 1_000_000], "batches": [1, 8, 65_536],
+            "budget_s": 0.3, "max_call_s": 1.5, "accuracy_lengths": [10**6],
+            "memory_gb": 60.0, "seed_loop_max_length": 1000}
 
 
 def rnnjax_label(time: int) -> str:
@@ -291,18 +304,19 @@ def plot(rows, path: Path) -> None:
 
 def main(argv=None) -> None:
     on_gpu = jax.default_backend() == "gpu"
+    grid = GPU_GRID if on_gpu else CPU_GRID
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[100, 1000, 10_000, 100_000, 1_000_000])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 1024] + ([65_536] if on_gpu else []))
+    parser.add_argument("--lengths", type=int, nargs="+", default=grid["lengths"])
+    parser.add_argument("--batches", type=int, nargs="+", default=grid["batches"])
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
-    parser.add_argument("--budget-s", type=float, default=0.5, help="timing budget per configuration")
-    parser.add_argument("--max-call-s", type=float, default=2.0, help="skip calls predicted slower than this")
-    parser.add_argument("--accuracy-lengths", type=int, nargs="*", default=[10**6, 10**7, 10**8],
+    parser.add_argument("--budget-s", type=float, default=grid["budget_s"], help="timing budget per configuration")
+    parser.add_argument("--max-call-s", type=float, default=grid["max_call_s"], help="skip calls predicted slower than this")
+    parser.add_argument("--accuracy-lengths", type=int, nargs="*", default=grid["accuracy_lengths"],
                         help="lengths at which the L1 norm's accuracy is checked (batch 1)")
     parser.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                         help="skip compiling the T=1e5, batch 1024 training step for its memory")
-    parser.add_argument("--memory-gb", type=float, default=6.0, help="skip configurations needing more")
-    parser.add_argument("--seed-loop-max-length", type=int, default=10_000)
+    parser.add_argument("--memory-gb", type=float, default=grid["memory_gb"], help="skip configurations needing more")
+    parser.add_argument("--seed-loop-max-length", type=int, default=grid["seed_loop_max_length"])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / jax.default_backend())
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
