@@ -386,6 +386,43 @@ def test_every_block_size_gives_the_same_states_within_rounding():
         relu_scan(*args, block_size=0)
 
 
+def test_unrolled_loops_as_on_an_accelerator_give_the_loops_states_and_gradients(monkeypatch):
+    """The blocks' loops unrolled (an accelerator's setting, ``benchmarks/tune.py``; 2 steps an
+    iteration, which 5 a block does not divide): states within the bound of the float64 loop,
+    and gradients those of a masked ``lax.scan`` of the same steps, for ``|w| <= 1`` and not."""
+    from rnnjax import parallel
+
+    monkeypatch.setitem(parallel._UNROLL, jax.default_backend(), 2)
+    jax.clear_caches()
+
+    def loss(scan, w, inputs, lengths, h0):
+        final_state, states = scan(w, inputs, lengths, h0)
+        return jnp.sum(final_state**2) + jnp.sum(jnp.sin(states)), states
+
+    def loop(w, inputs, lengths, h0):
+        def step(h, x):
+            u, t = x
+            new = jnp.where(t < lengths[:, None], jax.nn.relu(w * h + u), h)  # 0 at the kink
+            return new, jnp.where(t < lengths[:, None], new, 0)
+
+        steps = (jnp.swapaxes(inputs, 0, 1), jnp.arange(inputs.shape[1]))
+        final_state, states = jax.lax.scan(step, h0, steps)
+        return final_state, jnp.swapaxes(states, 0, 1)
+
+    blocked_scan = functools.partial(relu_scan, block_size=5)
+    blocked = jax.jit(jax.value_and_grad(functools.partial(loss, blocked_scan), argnums=(0, 1, 3),
+                                         has_aux=True))
+    sequential = jax.jit(jax.grad(functools.partial(loss, loop), argnums=(0, 1, 3), has_aux=True))
+    rng = np.random.default_rng(5)
+    for weight_magnitude in (0.97, 1.5):  # one branch each
+        w, inputs, lengths, h0 = draw(rng, np.float32, 3, 60, 2, 1.0, weight_magnitude)
+        args = (jnp.asarray(w), jnp.asarray(inputs), jnp.asarray(lengths), jnp.asarray(h0))
+        (_, states), gradients = blocked(*args)
+        assert assert_within_bound(states, w, inputs, lengths, h0, 5)
+        chex.assert_tree_all_finite(gradients)
+        chex.assert_trees_all_close(gradients, sequential(*args)[0], rtol=2e-4, atol=2e-4)
+
+
 # -- through rnn: derivatives, dtypes, methods --------------------------------------------------
 
 def cell_params(w_ih, w_hh, dtype=jnp.float32):
