@@ -8,9 +8,17 @@ they replace the CPU's. Compile time (the first call) is reported apart; a setti
 call takes longer than ``--max-compile-s`` is not timed at larger shapes, and the sweep stops at
 ``--deadline-s`` with what it has.
 
-    python benchmarks/tune.py --out benchmarks/results/gpu     # on the machine being tuned
+    python benchmarks/tune.py                                  # on the GPU being tuned
 
-Writes ``tune.json`` under ``--out`` and prints a table.
+It is meant for an accelerator: on a 2-core CPU the batch-65536 shape and XLA's compiles of
+unrolled loops take many minutes. The runs in ``benchmarks/results/gpu`` (an H200) were
+``tune.py --deadline-s 230 --max-compile-s 30`` (``tune-rolled.json``), then ``tune.py --settings
+32:8 16:16 32:32 64:8 --no-baselines --known .../tune-rolled.json --deadline-s 140
+--max-compile-s 12 --suite`` with the suite's GPU grid (``tune-unrolled.json``, ``pick.json``,
+``results.*``).
+
+Writes ``tune.json`` (and with ``--suite``, ``pick.json``) under ``--out``, printing each
+setting's figures as they come.
 """
 
 from __future__ import annotations
