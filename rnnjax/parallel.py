@@ -114,8 +114,9 @@ __all__ = ["relu_scan", "default_block_size", "upper_block_size", "levels"]
 # Steps per block, and lax.scan's unroll for the loops over a block's elements. On a CPU 64
 # steps up to 2**15 steps and 256 beyond (benchmarks/NOTES.md, "Block size" and "The blocks'
 # layout"), rolled (unrolling never paid there). On an accelerator 32, rolled: of 32, 64 and 128
-# it was the fastest on an H200, and unrolling (8 at 32 steps, or 16 at 16), though 4 to 9
-# times as fast at T = 1e4, batch 1, took 14 to 46 s to compile (NOTES, "GPU"; benchmarks/tune.py).
+# the fastest on an H200 by the geometric mean of the target shapes; unrolling (8 at 32 steps,
+# or 16 at 16) ran T = 1e4, batch 1 3.4 to 15 times as fast but took 14 to 46 s to compile
+# (benchmarks/NOTES.md, "GPU"; benchmarks/tune.py).
 _LONG = 2**15
 _BLOCK_SIZE = {"cpu": (64, 256)}
 _ACCELERATOR_BLOCK_SIZE = (32, 32)
