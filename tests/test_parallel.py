@@ -499,10 +499,10 @@ def test_second_derivatives_at_a_zero_recurrent_weight():
 
 def step_by_step(w, inputs, lengths, h0):
     """``relu_scan`` one step at a time (a ``lax.scan``): the reference for derivatives, run in
-    float64."""
+    float64. ``jax.nn.relu``, as the cell: its derivative at 0 is 0 (``jnp.maximum``'s is 1/2)."""
     def step(carry, u):
         h, t = carry
-        h = jnp.where(t < lengths[:, None], jnp.maximum(w * h + u, 0), h)
+        h = jnp.where(t < lengths[:, None], jax.nn.relu(w * h + u), h)
         return (h, t + 1), jnp.where(t < lengths[:, None], h, 0)
     (h, _), states = jax.lax.scan(step, (h0, 0), jnp.swapaxes(inputs, 0, 1))
     return h, jnp.swapaxes(states, 0, 1)
