@@ -69,8 +69,11 @@ def _positive_float(text: str) -> float:
 
 def _tolerance(text: str) -> float:
     """A distance to the target weight 1: positive and below 1 (a weight of 0 is never within)."""
-    value = _positive_float(text)
-    if value >= 1:
+    try:
+        value = inputs.parse_number(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a tolerance in (0, 1); received {_quote(text)}")
     return value
 

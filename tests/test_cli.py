@@ -243,7 +243,7 @@ def test_the_out_folder_is_checked_before_training(count_run, tmp_path, capsys):
          r"argument --overwrite: not allowed with argument --resume"),
         (["--steps", "1e3"], r"argument --steps: expected a positive integer; received '1e3'$"),
         (["--lr", "nan"], r"argument --lr: expected a positive finite number; received 'nan'$"),
-        (["--tol", "-1"], r"argument --tol: expected a positive finite number; received '-1'$"),
+        (["--tol", "-1"], r"argument --tol: expected a tolerance in \(0, 1\); received '-1'$"),
         (["--tol", "1"], r"argument --tol: expected a tolerance in \(0, 1\); received '1'$"),
         (["--skip-nonfinite", "-1"], r"argument --skip-nonfinite: expected an integer >= 0; received '-1'$"),
         (["--devices", "99"],
