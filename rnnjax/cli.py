@@ -57,25 +57,23 @@ _seed = _integer(0, SEED_LIMIT - 1, "a seed in [0, 2**31)")
 _length = _integer(1, EVAL_MAX_LENGTH, f"a length from 1 to {EVAL_MAX_LENGTH:,}")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = inputs.parse_number(text)
-    except ValueError:
-        value = None
-    if value is None or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive finite number; received {_quote(text)}")
-    return value
+def _number(below: float, what: str):
+    """A parser of numbers in ``(0, below)``, as ``_integer`` is of integers."""
+    def parse(text: str) -> float:
+        try:
+            value = inputs.parse_number(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < below:
+            raise argparse.ArgumentTypeError(f"expected {what}; received {_quote(text)}")
+        return value
+
+    return parse
 
 
-def _tolerance(text: str) -> float:
-    """A distance to the target weight 1: positive and below 1 (a weight of 0 is never within)."""
-    try:
-        value = inputs.parse_number(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a tolerance in (0, 1); received {_quote(text)}")
-    return value
+_positive_float = _number(float("inf"), "a positive finite number")
+# A distance to the target weight 1: a weight of 0 is never within.
+_tolerance = _number(1, "a tolerance in (0, 1)")
 
 
 def _all_dead(first_seed: int, count: int) -> str:
