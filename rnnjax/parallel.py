@@ -37,8 +37,9 @@ itself a ramp of the level above evaluated at its own, and so on, and each evalu
 once. The slopes ``w^k`` are
 computed from ``k`` by ``rnnjax.ramps.powers``, each rounded once, so their rounding does not
 compound over the blocks (at ``w = 0.99999``, ``T = 1e5``, float32, ``h_t = w^(t+1)`` is within
-122 eps of exact at every step, the loop's 98: each block's re-run is the loop's own rounding
-over its 256 steps, which on this input all round one way; 61 eps with 128 a block).
+28 eps of exact at every step with 32 steps a block, 61 with 128 and 122 with 256, the loop's
+98: each block's re-run is the loop's own rounding over its steps, which on this input all round
+one way).
 ``tests/test_parallel.py`` checks the bound by property tests over that domain, including tiny
 states growing through spans whose ``|w|^k`` passes the largest float.
 
@@ -112,13 +113,32 @@ from rnnjax import ramps
 __all__ = ["relu_scan", "default_block_size", "upper_block_size", "levels"]
 
 # Steps per block, and lax.scan's unroll for the loops over a block's elements. On a CPU 64
-# steps up to 2**15 steps and 256 beyond (benchmarks/NOTES.md, "Block size" and "The blocks'
-# layout"), rolled (unrolling never paid there). On an accelerator 32, rolled: of 32, 64 and 128
-# the fastest on an H200 by the geometric mean of the target shapes; unrolling (8 at 32 steps,
-# or 16 at 16) ran T = 1e4, batch 1 3.4 to 15 times as fast but took 14 to 46 s to compile
-# (benchmarks/NOTES.md, "GPU"; benchmarks/tune.py).
+# steps up to 2**15 steps; beyond them the best size depended on the machine: 256 on a 2-core
+# AMD EPYC, 32 on a 2-core Intel Xeon (where 256 ran the forward pass at T = 1e5, batch 8, 1.3
+# to 1.6 times as long); other CPUs, not measured, get 128, between the two (benchmarks/NOTES.md,
+# "Block size", "The blocks' layout" and "Block size by machine"). Loops rolled (unrolling never
+# paid on a CPU). On an accelerator 32, rolled: of 32, 64 and 128 the fastest on an H200 by
+# the geometric mean of the target shapes; unrolling (8 at 32 steps, or 16 at 16) ran T = 1e4,
+# batch 1 3.4 to 15 times as fast but took 14 to 46 s to compile (benchmarks/NOTES.md, "GPU";
+# benchmarks/tune.py).
 _LONG = 2**15
-_BLOCK_SIZE = {"cpu": (64, 256)}
+_CPU_BLOCK_SIZE = {"AuthenticAMD": (64, 256), "GenuineIntel": (64, 32)}
+_OTHER_CPU_BLOCK_SIZE = (64, 128)
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor as ``/proc/cpuinfo`` names it (``"GenuineIntel"``); ``""`` if unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+_BLOCK_SIZE = {"cpu": _CPU_BLOCK_SIZE.get(_cpu_vendor(), _OTHER_CPU_BLOCK_SIZE)}
 _ACCELERATOR_BLOCK_SIZE = (32, 32)
 _UNROLL = {"cpu": 1}
 _ACCELERATOR_UNROLL = 1
