@@ -138,7 +138,12 @@ def _cpu_vendor() -> str:
     return ""
 
 
-_BLOCK_SIZE = {"cpu": _CPU_BLOCK_SIZE.get(_cpu_vendor(), _OTHER_CPU_BLOCK_SIZE)}
+def _cpu_block_size(vendor: str) -> tuple[int, int]:
+    """Block sizes (up to ``_LONG`` steps, beyond) on a CPU of ``vendor``."""
+    return _CPU_BLOCK_SIZE.get(vendor, _OTHER_CPU_BLOCK_SIZE)
+
+
+_BLOCK_SIZE = {"cpu": _cpu_block_size(_cpu_vendor())}
 _ACCELERATOR_BLOCK_SIZE = (32, 32)
 _UNROLL = {"cpu": 1}
 _ACCELERATOR_UNROLL = 1

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 
-from rnnjax import L1Norm, ReLUCell, ramps, rnn
+from rnnjax import L1Norm, ReLUCell, parallel, ramps, rnn
 from rnnjax.parallel import default_block_size, levels, relu_scan, upper_block_size
 
 
@@ -390,8 +390,6 @@ def test_unrolled_loops_as_on_an_accelerator_give_the_loops_states_and_gradients
     """The blocks' loops unrolled (an accelerator's setting, ``benchmarks/tune.py``; 2 steps an
     iteration, which 5 a block does not divide): states within the bound of the float64 loop,
     and gradients those of a masked ``lax.scan`` of the same steps, for ``|w| <= 1`` and not."""
-    from rnnjax import parallel
-
     monkeypatch.setitem(parallel._UNROLL, jax.default_backend(), 2)
     jax.clear_caches()
 
@@ -591,11 +589,11 @@ def test_float16_states_past_its_range_saturate_where_the_loop_is_finite():
     params = cell_params(1.0, 1.0, jnp.float16)
     xs = jnp.ones((1, 70_000, 1), jnp.float16)
     sequential = rnn(cell, params, xs, method="sequential")
-    parallel = rnn(cell, params, xs, method="parallel")
-    chex.assert_tree_all_finite((sequential, parallel))
+    blocked = rnn(cell, params, xs, method="parallel")
+    chex.assert_tree_all_finite((sequential, blocked))
     assert float(sequential[0][0, 0]) == 2048.0
-    assert float(parallel[0][0, 0]) == float(jnp.finfo(jnp.float16).max)
-    assert float(parallel[1][0, 2047, 0]) == 2048.0
+    assert float(blocked[0][0, 0]) == float(jnp.finfo(jnp.float16).max)
+    assert float(blocked[1][0, 2047, 0]) == 2048.0
 
 
 def test_gradients_of_the_audits_nan_batches_match_the_float64_loop():
@@ -684,3 +682,13 @@ def test_params_for_another_input_size_are_a_value_error_naming_both_shapes():
     params = cell.init(jax.random.key(0), jnp.zeros((1, 1)), jnp.zeros((1, 1)))
     with pytest.raises(ValueError, match=r"params do not fit xs of shape \(2, 5, 2\).*\(1, 1\)"):
         rnn(cell, params, jnp.ones((2, 5, 2)))
+
+
+@pytest.mark.parametrize("vendor, long", [("GenuineIntel", 32), ("AuthenticAMD", 256), ("", 128)])
+def test_the_cpu_block_size_beyond_2_to_the_15_depends_on_the_vendor(monkeypatch, vendor, long):
+    """64 steps a block up to 2**15 steps on every CPU; beyond, the size measured fastest on that
+    vendor's machine, 128 where none was measured; never more than the sequence."""
+    monkeypatch.setattr(parallel, "_BLOCK_SIZE", {"cpu": parallel._cpu_block_size(vendor)})
+    assert [default_block_size(t, "cpu") for t in (1, 40, 2**15, 2**15 + 1, 10**8)] == [
+        1, 40, 64, long, long]
+    assert default_block_size(10**6, "gpu") == 32
