@@ -28,7 +28,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/suite.py
 
-# The 10,000-step sequence only (about a minute); its results are not kept in git.
+# The 10,000-step sequence and the accuracy check only (about 2 minutes); its results are not kept in git.
 bench-core: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/suite.py --lengths 10000 --batches 1 8 --no-memory-check --out benchmarks/results/core
 

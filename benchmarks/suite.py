@@ -327,7 +327,7 @@ def main(argv=None) -> None:
     print(json.dumps(info))
     total = (len(args.implementations) * len(args.batches) * len(args.lengths) * len(MODES)
              + len(args.accuracy_lengths) * len(accuracy.METHODS) + args.memory_check)
-    with tqdm(total=total, unit="step", desc="make bench") as bar:
+    with tqdm(total=total, unit="step", desc="benchmarks") as bar:
         rows = run_grid(args, bar)
         errors = accuracy.measure(args.accuracy_lengths, [0], bar)
         memory = None

@@ -32,6 +32,10 @@ from rnnjax.train import CONVERGED, SEED_LIMIT, STOP_REASONS
 __all__ = ["main", "script"]
 
 EVAL_MAX_LENGTH = 10**8  # 1e8 numbers: 0.8 GB in float64 for the reference, more in float32 copies
+# The most numbers one training step's inputs may hold (train: batch size x length; sweep: seeds
+# x batch size x length), refused before anything is compiled: beyond it the arrays do not fit a
+# machine's memory, and compiling for them ran for minutes before failing.
+MAX_STEP_NUMBERS = 10**8
 
 
 class _Parser(argparse.ArgumentParser):
@@ -199,12 +203,22 @@ def _check_devices(devices: int | None, batch_size: int | None = None) -> None:
                          f"give a multiple of {count}, or a --devices that divides {batch_size}")
 
 
+def _check_step_size(numbers: int, what: str) -> None:
+    """Refuses a training step whose inputs hold more than ``MAX_STEP_NUMBERS`` numbers."""
+    if numbers > MAX_STEP_NUMBERS:
+        raise ValueError(f"{what} is {numbers:,} numbers a step, more than the {MAX_STEP_NUMBERS:,} "
+                         "rnnjax trains on at once; give smaller values")
+
+
 def train(args) -> int:
     if not args.out and (args.resume or args.overwrite or args.checkpoint_every):
         raise ValueError("--resume, --overwrite and --checkpoint-every need --out")
+    settings = tasks.task_settings(args.task, recipe=args.recipe, batch_size=args.batch_size,
+                                   length=args.max_length)
+    _check_step_size(settings["batch_size"] * settings["length"],
+                     f"--batch-size {settings['batch_size']:,} x --max-length {settings['length']:,}")
     # A resumed run keeps its saved batch size, which fit checks against the devices itself.
-    _check_devices(args.devices, None if args.resume else
-                   tasks.task_settings(args.task, recipe=args.recipe, batch_size=args.batch_size)["batch_size"])
+    _check_devices(args.devices, None if args.resume else settings["batch_size"])
     given = {"recipe": args.recipe, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
              "length": args.max_length, "tol": args.tol, "skip_nonfinite": args.skip_nonfinite}
     created = False
@@ -263,6 +277,10 @@ def evaluate(args) -> int:
     else:
         rng = np.random.default_rng(args.seed)
         sequence = rng.integers(0, 2, args.length) if args.task == "count" else rng.standard_normal(args.length)
+    if args.task == "count" and sequence.size > tasks.COUNT_MAX_LENGTH:
+        given = f"--length {args.length}" if args.input is None else f"--input {args.input}"
+        raise ValueError(f"{given}: a count sequence is at most {tasks.COUNT_MAX_LENGTH:,} long (float32 "
+                         f"counts are exact up to there); received {sequence.size:,} steps")
     if not loaded.converged:
         print(f"rnnjax: warning: --params {args.params}: not a converged run ({loaded.status}); "
               "do not trust its outputs", file=sys.stderr)
@@ -328,7 +346,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=_path, required=True,
                    help="a run folder written by 'rnnjax train --out', or one of its checkpoints/<step>")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--length", type=_length, help="draw a random sequence this long")
+    source.add_argument("--length", type=_length,
+                        help=f"draw a random sequence this long (count: at most {tasks.COUNT_MAX_LENGTH:,})")
     source.add_argument("--input", type=_path, help="a .npy, .csv or .txt file of numbers (count: 0s and 1s)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random sequence (default 0)")
     p.add_argument("--method", choices=METHODS, default="auto",
@@ -356,6 +375,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def sweep(args) -> int:
+    settings = tasks.task_settings(args.task, recipe=args.recipe)
+    _check_step_size(args.seeds * settings["batch_size"] * settings["length"],
+                     f"--seeds {args.seeds:,} x {settings['batch_size']} sequences x {settings['length']} steps")
     _check_devices(args.devices)  # seeds are padded to a multiple of the devices
     created = args.out and sweep_runs.prepare_sweep_folder(args.out, overwrite=args.overwrite)
     try:

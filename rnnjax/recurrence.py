@@ -66,10 +66,11 @@ def _check_lengths(lengths: Any, batch: int, time: int) -> jax.Array:
                 f"lengths must lie in [0, {time}] (the time axis of xs); "
                 f"received values from {lengths.min()} to {lengths.max()}."
             )
-    elif jnp.iinfo(lengths.dtype).max > jnp.iinfo(jnp.int32).max:
-        # Traced: clip in the lengths' own type (uint32 and 64-bit values cannot wrap to
-        # negative int32 numbers), as documented: above `time` acts as `time`.
-        lengths = jnp.minimum(lengths, time)
+    elif jnp.iinfo(lengths.dtype).bits > 32 or jnp.iinfo(lengths.dtype).max > jnp.iinfo(jnp.int32).max:
+        # Traced: clip in the lengths' own type, so that uint32 and 64-bit values cannot wrap
+        # around int32 (2**32 + 3 to 3, -2**32 + 3 to 3), as documented: above `time` acts as
+        # `time`, below 0 as 0.
+        lengths = jnp.clip(lengths, 0, time)
     return jnp.clip(jnp.asarray(lengths).astype(jnp.int32), 0, time)
 
 

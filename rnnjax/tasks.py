@@ -21,7 +21,7 @@ from rnnjax.train import SEED_LIMIT, FitResult, fit, fit_start, weight_elements
 
 __all__ = ["Task", "TASKS", "DEFAULT_RECIPE", "DEAD_SEED_TRIES", "SLOPE_TOL", "task_settings", "task_start",
            "train_task", "train_until_live", "sweep_task", "network_params", "watched", "converged", "l1_check",
-           "count_check"]
+           "count_check", "COUNT_MAX_LENGTH"]
 
 
 class Task(NamedTuple):
@@ -311,13 +311,16 @@ def l1_check(params: Any, sequence: np.ndarray, method: Method = "auto", *,
     return predicted, exact, abs(predicted - exact) / max(exact, np.finfo(np.float64).tiny)
 
 
+COUNT_MAX_LENGTH = 2**24  # float32 counts are exact up to here
+
+
 def count_check(params: Any, bits: np.ndarray, method: Method = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Returns ``(predicted, exact)`` running counts, each ``(batch, time)``, of ``bits``
     ``(batch, time)`` of 0s and 1s, at most ``2**24`` long (float32 counts are exact up to there)."""
     bits = np.asarray(bits, np.float32)
     if not np.isin(bits, (0.0, 1.0)).all():
         raise ValueError(f"bits must be 0 or 1; received values from {bits.min():g} to {bits.max():g}")
-    if bits.ndim != 2 or bits.shape[1] > 2**24:
+    if bits.ndim != 2 or bits.shape[1] > COUNT_MAX_LENGTH:
         raise ValueError(f"bits must be (batch, time) with time at most 2**24 = 16,777,216 (float32 "
                          f"counts are exact up to there); received shape {bits.shape}")
     predicted = _apply(RunningCount(method=method))(params, jnp.asarray(bits))

@@ -115,6 +115,8 @@ def test_eval_on_a_long_random_sequence(l1_run, capsys):
     ("l1", ["--length", "1_000"], r"received '1_000'$"),
     ("l1", ["--length", "100000001"], r"received '100000001'$"),
     ("l1", ["--length", "9" * 5000], r"received '9{40}\.\.\.'$"),
+    ("count", ["--length", "20000000"], r"--length 20000000: a count sequence is at most 16,777,216 long .*"
+                                         r"received 20,000,000 steps$"),
     ("l1", ["--length", "5", "--input", "x.csv"], r"not allowed with argument"),
     ("l1", ["--length", "3", "--seed", "99999999999999999999"], r"expected a seed in"),
     ("l1", ["--length", "3", "--method", "fast"], r"argument --method: invalid choice: 'fast'"),
@@ -362,6 +364,21 @@ def test_unknown_command_is_one_line_and_exit_2():
     result = subprocess.run([sys.executable, "-m", "rnnjax", "fly"], capture_output=True, text=True)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "l1", "--max-length", "2147483647"], r"--batch-size 8 x --max-length 2,147,483,647 is 17,179,869,176 numbers"),
+    (["train", "l1-learned", "--max-length", "2147483647"], r"--max-length 2,147,483,647 is"),
+    (["train", "count", "--max-length", "1000000000"], r"8,000,000,000 numbers a step, more than the 100,000,000"),
+    (["train", "l1", "--batch-size", "2147483647"], r"--batch-size 2,147,483,647 x --max-length 10 is"),
+    (["sweep", "l1", "--seeds", "1000000000"], r"--seeds 1,000,000,000 x 8 sequences x 10 steps is 80,000,000,000"),
+])
+def test_sizes_beyond_memory_are_refused_before_compiling(capsys, argv, match):
+    start = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - start < 5  # refused up front, not after minutes of compiling
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
 
 
 def test_load_run_reports_the_step_and_whether_the_run_converged(l1_run, tmp_path):

@@ -226,6 +226,17 @@ def test_lengths_of_any_integer_type(dtype, method):
                                 rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_traced_64_bit_lengths_beyond_int32_clip_instead_of_wrapping(method):
+    # Under jit the values are unknown: below 0 acts as 0, above time as time, as documented;
+    # cast to int32 first, -2**32 + 3 would wrap to 3 and 2**32 + 2 to 2.
+    params = {"params": {"W_ih": jnp.ones((1, 1)), "W_hh": jnp.ones((1, 1))}}
+    with jax.enable_x64(True):
+        lengths = jnp.array([-2**32 + 3, -2**31 - 1, 2**32 + 2, 5], jnp.int64)
+        final_state = jax.jit(lambda n: rnn(CELL, params, jnp.ones((4, 6, 1)), n, method=method)[0])(lengths)
+    chex.assert_trees_all_equal(final_state[:, 0], jnp.array([0.0, 0.0, 6.0, 5.0]))
+
+
 def test_lengths_too_large_for_int32_are_refused_not_wrapped():
     with pytest.raises(ValueError, match=r"\[0, 3\] .* from 2 to 4294967298"):
         rnn(CELL, PARAMS, jnp.ones((2, 3, 1)), np.array([2, 2**32 + 2]))
