@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -573,10 +574,9 @@ def relu_scan(
       >>> final_state[:, 0], states[0, :, 0]
       (Array([7.], dtype=float32), Array([3., 0., 7., 0.], dtype=float32))
     """
+    _check_arguments(w, inputs, lengths, h0)
     time = inputs.shape[1]
-    size = default_block_size(time) if block_size is None else block_size
-    if not (isinstance(size, int) and size >= 1):
-        raise ValueError(f"block_size must be a positive integer; received {block_size!r}.")
+    size = default_block_size(time) if block_size is None else _check_block_size(block_size)
     # The first step sees w*h0 + u_0 (summed as the loop sums it), so the scan starts from 0.
     inputs = _add_to_first_step(inputs, h0 * w)
     growing = jnp.any(jnp.abs(w) > 1)  # one branch for every feature, also under vmap
@@ -589,6 +589,45 @@ def relu_scan(
     else:
         final_state, states = jax.vmap(scan_feature, in_axes=(0, 2), out_axes=(1, 2))(w, inputs)
     return jnp.where(lengths[:, None] > 0, final_state, h0), states
+
+
+def _check_arguments(w, inputs, lengths, h0) -> None:
+    """Raises a clear error unless the arguments have ``relu_scan``'s shapes and dtypes."""
+    arrays = {"w": w, "inputs": inputs, "lengths": lengths, "h0": h0}
+    for name, value in arrays.items():
+        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+            raise TypeError(f"relu_scan: {name} must be an array; received {type(value).__name__}.")
+    dtype = jnp.dtype(inputs.dtype)
+    if dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(f"relu_scan: inputs must be float32 or float64; received {dtype}. Cast "
+                        "them (and w, h0) to float32, or call rnnjax.rnn, which computes a "
+                        "float16 or bfloat16 cell in float32.")
+    for name in ("w", "h0"):
+        if jnp.dtype(arrays[name].dtype) != dtype:
+            raise TypeError(f"relu_scan: {name} must have the inputs' dtype {dtype}; received "
+                            f"{jnp.dtype(arrays[name].dtype)}.")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"relu_scan: lengths must be integers; received {jnp.dtype(lengths.dtype)}.")
+    if inputs.ndim != 3:
+        raise ValueError(f"relu_scan: inputs must be (batch, time, features); received shape "
+                         f"{tuple(inputs.shape)}.")
+    batch, _, features = inputs.shape
+    expected = {"w": (features,), "lengths": (batch,), "h0": (batch, features)}
+    for name, shape in expected.items():
+        if tuple(arrays[name].shape) != shape:
+            raise ValueError(f"relu_scan: {name} must have shape {shape} for inputs of shape "
+                             f"{tuple(inputs.shape)}; received {tuple(arrays[name].shape)}.")
+
+
+def _check_block_size(block_size: Any) -> int:
+    """``block_size`` as a Python int, or a ValueError unless it is a positive integer."""
+    try:
+        size = operator.index(block_size)
+    except TypeError:
+        size = None
+    if size is None or isinstance(block_size, (bool, np.bool_)) or size < 1:
+        raise ValueError(f"block_size must be a positive integer; received {block_size!r}.")
+    return size
 
 
 def upper_block_size(maps: int) -> int:

@@ -49,11 +49,12 @@ def assert_within_bound(states, w, inputs, lengths, h0, block_size, *, flushes=T
     time = inputs.shape[1]
     upper = upper_block_size(-(-time // block_size))
     k = 8 * (block_size + (16 + upper) * levels(time, block_size))
-    with np.errstate(over="ignore"):  # max_{s<=t} |w|^(t-s) <= max(1, max |w|)^(t+1)
-        amplification = np.maximum(1.0, np.abs(np.asarray(w, np.float64)).max()) ** np.arange(
+    with np.errstate(over="ignore"):  # max_{s<=t} |w|^(t-s) <= max(1, |w|)^(t+1), per feature
+        amplification = np.maximum(1.0, np.abs(np.asarray(w, np.float64))) ** np.arange(
             1, inputs.shape[1] + 1)[None, :, None] if flushes else 0.0
+    largest = np.abs(expected).max(axis=1, keepdims=True)  # max_s h_s, per sequence and feature
     bound = (k * info.eps * magnitudes
-             + k * float(info.tiny) * (1 + np.abs(expected).max() + amplification))
+             + k * float(info.tiny) * (1 + largest + amplification))
     error = np.abs(states - expected)
     assert (error <= bound).all(), f"error {error.max():.3g} over the bound at {np.argmax(error - bound)}"
     return True
@@ -382,8 +383,34 @@ def test_every_block_size_gives_the_same_states_within_rounding():
     baseline = _scan(*args, block_size=1)
     for size in (2, 5, 16, 64, 777, 1000):
         chex.assert_trees_all_close(_scan(*args, block_size=size), baseline, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="block_size must be a positive integer; received 0"):
-        relu_scan(*args, block_size=0)
+    chex.assert_trees_all_equal(relu_scan(*args, block_size=np.int64(5)), relu_scan(*args, block_size=5))
+    for size in (0, -3, True, 2.0, "8"):
+        with pytest.raises(ValueError, match=f"block_size must be a positive integer; received {size!r}"):
+            relu_scan(*args, block_size=size)
+
+
+def _arguments(dtype=jnp.float32, batch=2, time=5, features=1):
+    return (jnp.full(features, 0.5, dtype), jnp.ones((batch, time, features), dtype),
+            jnp.full(batch, time), jnp.zeros((batch, features), dtype))
+
+
+@pytest.mark.parametrize("replace, error, message", [
+    ({}, TypeError, "inputs must be float32 or float64; received float16. Cast them"),
+    ({"w": np.full(1, 0.5, np.float64)}, TypeError, "w must have the inputs' dtype float32; received float64"),
+    ({"h0": jnp.zeros((2, 1), jnp.int32)}, TypeError, "h0 must have the inputs' dtype float32; received int32"),
+    ({"lengths": jnp.full(2, 5.0)}, TypeError, "lengths must be integers; received float32"),
+    ({"inputs": jnp.ones((2, 5))}, ValueError, r"inputs must be \(batch, time, features\); received shape \(2, 5\)"),
+    ({"w": jnp.full(3, 0.5)}, ValueError, r"w must have shape \(1,\) for inputs of shape \(2, 5, 1\); received \(3,\)"),
+    ({"lengths": jnp.full(3, 5)}, ValueError, r"lengths must have shape \(2,\) .* received \(3,\)"),
+    ({"h0": jnp.zeros((2,))}, ValueError, r"h0 must have shape \(2, 1\) .* received \(2,\)"),
+    ({"w": [0.5]}, TypeError, "w must be an array; received list"),
+])
+def test_arguments_of_the_wrong_dtype_or_shape_are_refused(replace, error, message):
+    names = ("w", "inputs", "lengths", "h0")
+    dtype = jnp.float16 if not replace else jnp.float32
+    arguments = dict(zip(names, _arguments(dtype)), **replace)
+    with pytest.raises(error, match=message):
+        relu_scan(*(arguments[name] for name in names))
 
 
 def test_unrolled_loops_as_on_an_accelerator_give_the_loops_states_and_gradients(monkeypatch):
