@@ -567,6 +567,11 @@ def relu_scan(
       the work that forms them (the blocks' second run), and the forward pass reads the inputs
       once.
 
+    Raises:
+      TypeError: inputs not float32 or float64 (``rnnjax.rnn`` computes float16 and bfloat16
+        cells in float32), ``w`` or ``h0`` of another dtype, or lengths not integers.
+      ValueError: shapes other than the above, or ``block_size`` not a positive integer.
+
     Example:
       >>> import jax.numpy as jnp
       >>> inputs = jnp.array([[[3.0], [-5.0], [7.0], [2.0]]])
