@@ -146,9 +146,11 @@ def _read_npy(path: Path, bits: bool) -> np.ndarray:
             read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
                 version, np.lib.format.read_array_header_2_0)  # 2.0 and 3.0 differ only in encoding
             shape, _, dtype = read_header(f)
-        except (ValueError, EOFError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 -- numpy parses the header with tokenize and ast, which raise many kinds
             raise ValueError(f"{path}: damaged .npy header ({_first_line(e)})") from None
         data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+    if not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"{path}: damaged .npy header (shape {shape}; expected non-negative integers)")
     if dtype.hasobject:
         raise ValueError(f"{path}: holds Python objects (dtype {dtype}); expected an array of numbers")
     if dtype.kind not in "biuf":

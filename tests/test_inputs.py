@@ -113,6 +113,11 @@ def test_bad_npy_files_are_refused_in_our_own_words(tmp_path):
         (np.random.default_rng(0).bytes(200), r"not a .npy file \(it does not start with the .npy signature\)$"),
         (b"\x93NUMPY\x01\x00garbage", r"damaged .npy header"),
         (b"", r"not a .npy file"),
+        (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (4,"), r"damaged .npy header \(.*EOF"),
+        (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (True,), }"),
+         r"damaged .npy header \(shape \(True,\); expected non-negative integers\)$"),
+        (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (-1,), }"),
+         r"damaged .npy header \(shape \(-1,\); expected non-negative integers\)$"),
     ]:
         with pytest.raises(ValueError, match=match) as info:
             read_sequence(write(tmp_path, "r.npy", content))
@@ -121,6 +126,13 @@ def test_bad_npy_files_are_refused_in_our_own_words(tmp_path):
         np.savez(f, a=np.ones(3))
     with pytest.raises(ValueError, match=r"holds an .npz archive; expected one array \(np.save\)$"):
         read_sequence(tmp_path / "a.npy")
+
+
+def _header(text):
+    """A version-1.0 .npy whose header dictionary is ``text``, followed by 16 zero bytes."""
+    header = text.encode("latin1")
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x00" * 16
 
 
 def test_missing_and_unreadable_files(tmp_path):
@@ -177,11 +189,20 @@ def test_any_text_reads_or_is_refused_in_one_line(tmp_path, text, suffix, bits):
     st.tuples(st.sampled_from(["<f8", "<f4", "<i8", "|u1", "|b1", "<c8", "<U2", ">f8", "<f2"]),
               st.lists(st.integers(0, 5), max_size=3), st.integers(-40, 40)).map(
         lambda spec: _npy_bytes(*spec)),
+    st.lists(st.tuples(st.integers(8, 79), st.integers(0, 255)), min_size=1, max_size=4).map(
+        lambda edits: _edited(_npy_bytes("<f4", [4], 0), edits)),  # a damaged header
 ), bits=st.booleans())
 def test_any_npy_bytes_read_or_are_refused_in_one_line(tmp_path, content, bits):
     path = tmp_path / "seq.npy"
     path.write_bytes(content)
     check_read(path, bits)
+
+
+def _edited(data, edits):
+    data = bytearray(data)
+    for index, byte in edits:
+        data[index] = byte
+    return bytes(data)
 
 
 def _npy_bytes(dtype, shape, cut):
