@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rnnjax.train import FitResult, seed_keys
+from rnnjax.train import SEED_LIMIT, FitResult, seed_keys
 
 __all__ = ["FORMAT", "save_checkpoint", "checkpoint_steps", "checkpoint_info", "restore_checkpoint",
            "delete_checkpoints"]
@@ -146,6 +146,8 @@ def checkpoint_info(folder: str | os.PathLike, step: int) -> dict:
         raise ValueError(f"{where}: not an rnnjax checkpoint (expected format {FORMAT!r})")
     kinds = {"seed": int, "steps": int, "run": dict, "sha256": str}
     wrong = [k for k, kind in kinds.items() if not isinstance(info.get(k), kind) or isinstance(info.get(k), bool)]
+    if not wrong and not 0 <= info["seed"] < SEED_LIMIT:
+        wrong = ["seed"]
     if wrong or info["steps"] != step:
         raise ValueError(f"{where}: damaged checkpoint (run/metadata: bad {', '.join(wrong) or 'steps'})")
     return info

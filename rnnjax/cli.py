@@ -32,10 +32,6 @@ from rnnjax.train import CONVERGED, SEED_LIMIT, STOP_REASONS
 __all__ = ["main", "script"]
 
 EVAL_MAX_LENGTH = 10**8  # 1e8 numbers: 0.8 GB in float64 for the reference, more in float32 copies
-# The most numbers one training step's inputs may hold (train: batch size x length; sweep: seeds
-# x batch size x length), refused before anything is compiled: beyond it the arrays do not fit a
-# machine's memory, and compiling for them ran for minutes before failing.
-MAX_STEP_NUMBERS = 10**8
 
 
 class _Parser(argparse.ArgumentParser):
@@ -204,9 +200,9 @@ def _check_devices(devices: int | None, batch_size: int | None = None) -> None:
 
 
 def _check_step_size(numbers: int, what: str) -> None:
-    """Refuses a training step whose inputs hold more than ``MAX_STEP_NUMBERS`` numbers."""
-    if numbers > MAX_STEP_NUMBERS:
-        raise ValueError(f"{what} is {numbers:,} numbers a step, more than the {MAX_STEP_NUMBERS:,} "
+    """Refuses a training step whose inputs hold more than ``tasks.MAX_STEP_NUMBERS`` numbers."""
+    if numbers > tasks.MAX_STEP_NUMBERS:
+        raise ValueError(f"{what} is {numbers:,} numbers a step, more than the {tasks.MAX_STEP_NUMBERS:,} "
                          "rnnjax trains on at once; give smaller values")
 
 

@@ -11,6 +11,7 @@ back for evaluation and says whether the run behind it converged.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,10 +26,12 @@ import rnnjax
 from rnnjax.cell import ReLUCell
 from rnnjax.checkpoints import (checkpoint_info, checkpoint_steps, delete_checkpoints, restore_checkpoint,
                                 save_checkpoint)
+from rnnjax.recipes import RECIPES
 from rnnjax.recurrence import resolve_method
-from rnnjax.tasks import DEAD_SEED_TRIES, TASKS, network_params, task_settings, task_start, train_until_live, watched
+from rnnjax.tasks import (DEAD_SEED_TRIES, MAX_STEP_NUMBERS, TASKS, network_params, task_settings, task_start,
+                          train_until_live, watched)
 from rnnjax.tasks import converged as task_converged
-from rnnjax.train import CONVERGED, STOP_REASONS, FitResult, weights_by_path
+from rnnjax.train import CONVERGED, SEED_LIMIT, STOP_REASONS, FitResult, weights_by_path
 
 __all__ = ["CHECKPOINTS", "METRICS", "PLOT", "CHECKPOINT_EVERY", "Run", "LoadedRun", "write_atomically",
            "prepare_run_folder", "writable_folder", "train_run", "load_run"]
@@ -198,14 +201,38 @@ def _resume_point(out: Path, task: str, given: dict, first_seed: int | None) -> 
 
 
 def _check_run_info(run: dict, where: Path) -> None:
-    """Refuses run info that ``train_run`` did not write (a foreign or damaged checkpoint)."""
+    """Refuses run info that ``train_run`` did not write (a foreign or damaged checkpoint): its
+    record must have the fields ``train_run`` writes, and every setting a value the command line
+    accepts, so nothing is built from a damaged one."""
     settings = run.get("settings")
     expected = set(task_settings("l1")) | {"checkpoint_every"}
     if (run.get("task") not in TASKS or not isinstance(settings, dict) or set(settings) != expected
-            or not isinstance(run.get("first_seed"), int) or not isinstance(run.get("dead_seeds"), list)
+            or not _is_int(run.get("first_seed"), 0, SEED_LIMIT - 1) or not isinstance(run.get("dead_seeds"), list)
             or not isinstance(run.get("resumed_at"), list)):
         raise ValueError(f"{where}: not a checkpoint of an rnnjax run (its run record is not one "
                          "'rnnjax train' writes)")
+    recipe = RECIPES.get(settings["recipe"]) if isinstance(settings["recipe"], str) else None
+    valid = {
+        "recipe": recipe is not None,
+        "b2": recipe is not None and settings["b2"] == recipe.b2,
+        "lr": _is_number(settings["lr"]) and 0 < settings["lr"] < math.inf,
+        "tol": _is_number(settings["tol"]) and 0 < settings["tol"] < 1,
+        **{name: _is_int(settings[name], 1, 2**31 - 1) for name in ("steps", "batch_size", "length", "checkpoint_every")},
+        **{name: _is_int(settings[name], 0, 2**31 - 1) for name in ("skip_nonfinite", "dead_steps")},
+    }
+    bad = [name for name, ok in valid.items() if not ok]
+    if not bad and settings["batch_size"] * settings["length"] > MAX_STEP_NUMBERS:
+        bad = ["batch_size x length"]
+    if bad:
+        raise ValueError(f"{where}: damaged checkpoint (run/metadata: settings out of range: {', '.join(bad)})")
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _training_settings(settings: dict) -> dict:

@@ -21,7 +21,7 @@ from rnnjax.train import SEED_LIMIT, FitResult, fit, fit_start, weight_elements
 
 __all__ = ["Task", "TASKS", "DEFAULT_RECIPE", "DEAD_SEED_TRIES", "SLOPE_TOL", "task_settings", "task_start",
            "train_task", "train_until_live", "sweep_task", "network_params", "watched", "converged", "l1_check",
-           "count_check", "COUNT_MAX_LENGTH"]
+           "count_check", "COUNT_MAX_LENGTH", "MAX_STEP_NUMBERS"]
 
 
 class Task(NamedTuple):
@@ -56,6 +56,11 @@ TASKS = {
 }
 
 SLOPE_TOL = 1e-6
+
+# The most numbers one training step's inputs may hold (train: batch size x length; sweep: seeds
+# x batch size x length), refused before anything is compiled: beyond it the arrays do not fit a
+# machine's memory, and compiling for them ran for minutes before failing.
+MAX_STEP_NUMBERS = 10**8
 
 # The recipe `train`, `demo` and `sweep` use unless told otherwise: it converged from all 1,000
 # random inits of each task's weights that benchmarks/SWEEPS.md measured (rnnjax.recipes).

@@ -387,3 +387,38 @@ def test_load_run_reports_the_step_and_whether_the_run_converged(l1_run, tmp_pat
     train_run("count", first_seed=3, given={"steps": 30}, out=tmp_path)
     loaded = load_run(tmp_path, "count")
     assert (loaded.converged, loaded.step, loaded.status) == (False, 30, "stop reason: budget, after 30 steps")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (("settings", "length", 10**10), r"settings out of range: length\)$"),
+    (("settings", "batch_size", 0), r"settings out of range: batch_size\)$"),
+    (("settings", "batch_size", 10**12), r"settings out of range: batch_size\)$"),
+    (("settings", "batch_size", 10**8), r"settings out of range: batch_size x length\)$"),
+    (("settings", "lr", "abc"), r"settings out of range: lr\)$"),
+    (("settings", "lr", -1.0), r"settings out of range: lr\)$"),
+    (("settings", "tol", 2.0), r"settings out of range: tol\)$"),
+    (("settings", "recipe", ["x"]), r"settings out of range: recipe, b2\)$"),
+    (("settings", "b2", 0.5), r"settings out of range: b2\)$"),
+    (("settings", "steps", True), r"settings out of range: steps\)$"),
+    (("seed", None, 2**70), r"damaged checkpoint \(run/metadata: bad seed\)$"),
+    (("first_seed", None, -1), r"not a checkpoint of an rnnjax run"),
+])
+def test_a_checkpoint_with_settings_no_run_writes_is_refused_naming_it(l1_run, tmp_path, capsys, edit, match):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(l1_run, damaged)
+    (damaged / "metrics.json").unlink()  # so that resume reads the checkpoint
+    last = damaged / "checkpoints" / str(checkpoint_steps(damaged / "checkpoints")[-1])
+    metadata = last / "run" / "metadata"
+    info = json.loads(metadata.read_text())
+    where, name, value = edit
+    if where == "settings":
+        info["run"]["settings"][name] = value
+    elif where == "seed":
+        info["seed"] = value
+    else:
+        info["run"][where] = value
+    metadata.write_text(json.dumps(info))
+    for argv in (["eval", "l1", "--params", str(damaged), "--length", "3"],
+                 ["train", "l1", "--out", str(damaged), "--resume", "--steps", "5000"]):
+        assert main(argv) == 2
+        one_error_line(capsys.readouterr(), rf"^rnnjax: error: {re.escape(str(last))}: .*{match}")
