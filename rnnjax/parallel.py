@@ -110,6 +110,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax import ramps
+from rnnjax.masking import check_lengths
 
 __all__ = ["relu_scan", "default_block_size", "upper_block_size", "levels"]
 
@@ -555,9 +556,10 @@ def relu_scan(
       w: the diagonal of the recurrent matrix, ``(features,)``.
       inputs: the projected inputs ``x_t @ W_ih``, ``(batch, time, features)``; float32 or
         float64.
-      lengths: ``(batch,)`` integers in ``[0, time]``.
+      lengths: ``(batch,)`` integers in ``[0, time]``; under ``jit`` others are clipped to it.
       h0: the initial state, ``(batch, features)``.
-      block_size: steps per block; None takes ``default_block_size(time)``.
+      block_size: steps per block (one above ``time`` acts as ``time``); None takes
+        ``default_block_size(time)``.
 
     Returns:
       ``(final_state, states)``, as ``rnnjax.rnn`` returns them: ``final_state`` ``(batch,
@@ -570,7 +572,8 @@ def relu_scan(
     Raises:
       TypeError: inputs not float32 or float64 (``rnnjax.rnn`` computes float16 and bfloat16
         cells in float32), ``w`` or ``h0`` of another dtype, or lengths not integers.
-      ValueError: shapes other than the above, or ``block_size`` not a positive integer.
+      ValueError: shapes other than the above (or an axis of size 0), concrete lengths outside
+        ``[0, time]``, or ``block_size`` not a positive integer.
 
     Example:
       >>> import jax.numpy as jnp
@@ -579,9 +582,9 @@ def relu_scan(
       >>> final_state[:, 0], states[0, :, 0]
       (Array([7.], dtype=float32), Array([3., 0., 7., 0.], dtype=float32))
     """
-    _check_arguments(w, inputs, lengths, h0)
+    lengths = _check_arguments(w, inputs, lengths, h0)
     time = inputs.shape[1]
-    size = default_block_size(time) if block_size is None else _check_block_size(block_size)
+    size = default_block_size(time) if block_size is None else min(_check_block_size(block_size), time)
     # The first step sees w*h0 + u_0 (summed as the loop sums it), so the scan starts from 0.
     inputs = _add_to_first_step(inputs, h0 * w)
     growing = jnp.any(jnp.abs(w) > 1)  # one branch for every feature, also under vmap
@@ -596,8 +599,9 @@ def relu_scan(
     return jnp.where(lengths[:, None] > 0, final_state, h0), states
 
 
-def _check_arguments(w, inputs, lengths, h0) -> None:
-    """Raises a clear error unless the arguments have ``relu_scan``'s shapes and dtypes."""
+def _check_arguments(w, inputs, lengths, h0) -> jax.Array:
+    """Raises a clear error unless the arguments have ``relu_scan``'s shapes and dtypes; returns
+    the lengths as ``rnnjax.masking.check_lengths`` does (int32, in ``[0, time]``)."""
     arrays = {"w": w, "inputs": inputs, "lengths": lengths, "h0": h0}
     for name, value in arrays.items():
         if not hasattr(value, "shape") or not hasattr(value, "dtype"):
@@ -611,17 +615,19 @@ def _check_arguments(w, inputs, lengths, h0) -> None:
         if jnp.dtype(arrays[name].dtype) != dtype:
             raise TypeError(f"relu_scan: {name} must have the inputs' dtype {dtype}; received "
                             f"{jnp.dtype(arrays[name].dtype)}.")
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"relu_scan: lengths must be integers; received {jnp.dtype(lengths.dtype)}.")
-    if inputs.ndim != 3:
-        raise ValueError(f"relu_scan: inputs must be (batch, time, features); received shape "
-                         f"{tuple(inputs.shape)}.")
-    batch, _, features = inputs.shape
-    expected = {"w": (features,), "lengths": (batch,), "h0": (batch, features)}
+    if inputs.ndim != 3 or 0 in inputs.shape:
+        raise ValueError(f"relu_scan: inputs must be (batch, time, features), none of them 0; "
+                         f"received shape {tuple(inputs.shape)}.")
+    batch, time, features = inputs.shape
+    expected = {"w": (features,), "h0": (batch, features)}
     for name, shape in expected.items():
         if tuple(arrays[name].shape) != shape:
             raise ValueError(f"relu_scan: {name} must have shape {shape} for inputs of shape "
                              f"{tuple(inputs.shape)}; received {tuple(arrays[name].shape)}.")
+    try:
+        return check_lengths(lengths, batch, time, sequences="inputs")
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"relu_scan: {e}") from None
 
 
 def _check_block_size(block_size: Any) -> int:

@@ -8,10 +8,9 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rnnjax.cell import PRECISION, ReLUCell
-from rnnjax.masking import length_mask
+from rnnjax.masking import check_lengths, length_mask
 from rnnjax.parallel import relu_scan
 
 __all__ = ["Method", "METHODS", "rnn", "resolve_method", "check_sequences"]
@@ -44,34 +43,6 @@ def check_sequences(xs: Any, name: str = "xs") -> jax.Array:
             f"{name} must hold at least one sequence and one time step; received shape {xs.shape}."
         )
     return xs
-
-
-def _check_lengths(lengths: Any, batch: int, time: int) -> jax.Array:
-    """Returns ``lengths`` as int32 after checking shape, dtype and (when concrete) range."""
-    if not isinstance(lengths, jax.core.Tracer):  # under jit the values are unknown
-        lengths = np.asarray(lengths)  # keeps int64 and uint types, so the range check sees them
-    if lengths.shape != (batch,):
-        raise ValueError(
-            f"lengths must have shape (batch,) = ({batch},) to match xs; "
-            f"received shape {lengths.shape}."
-        )
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(
-            f"lengths must be integers; received dtype {lengths.dtype}. "
-            "Convert them with lengths.astype(jnp.int32)."
-        )
-    if isinstance(lengths, np.ndarray):
-        if lengths.min() < 0 or lengths.max() > time:
-            raise ValueError(
-                f"lengths must lie in [0, {time}] (the time axis of xs); "
-                f"received values from {lengths.min()} to {lengths.max()}."
-            )
-    elif jnp.iinfo(lengths.dtype).bits > 32 or jnp.iinfo(lengths.dtype).max > jnp.iinfo(jnp.int32).max:
-        # Traced: clip in the lengths' own type, so that uint32 and 64-bit values cannot wrap
-        # around int32 (2**32 + 3 to 3, -2**32 + 3 to 3), as documented: above `time` acts as
-        # `time`, below 0 as 0.
-        lengths = jnp.clip(lengths, 0, time)
-    return jnp.clip(jnp.asarray(lengths).astype(jnp.int32), 0, time)
 
 
 def _parallel_refusal(cell: nn.Module) -> str | None:
@@ -169,7 +140,7 @@ def rnn(
     method = resolve_method(cell, method, time=time)
     if lengths is None:
         lengths = jnp.full((batch,), time, jnp.int32)
-    lengths = _check_lengths(lengths, batch, time)
+    lengths = check_lengths(lengths, batch, time)
     mask = length_mask(lengths, time)
     xs = jnp.where(mask[..., None], xs, 0)
     initial_state = _initial_state(cell, params, xs, initial_state)

@@ -398,10 +398,17 @@ def _arguments(dtype=jnp.float32, batch=2, time=5, features=1):
     ({}, TypeError, "inputs must be float32 or float64; received float16. Cast them"),
     ({"w": np.full(1, 0.5, np.float64)}, TypeError, "w must have the inputs' dtype float32; received float64"),
     ({"h0": jnp.zeros((2, 1), jnp.int32)}, TypeError, "h0 must have the inputs' dtype float32; received int32"),
-    ({"lengths": jnp.full(2, 5.0)}, TypeError, "lengths must be integers; received float32"),
-    ({"inputs": jnp.ones((2, 5))}, ValueError, r"inputs must be \(batch, time, features\); received shape \(2, 5\)"),
+    ({"lengths": jnp.full(2, 5.0)}, TypeError, "relu_scan: lengths must be integers; received dtype float32"),
+    ({"lengths": jnp.array([7, 3])}, ValueError, r"relu_scan: lengths must lie in \[0, 5\] .*received values from 3 to 7"),
+    ({"lengths": np.array([-2, 3])}, ValueError, r"lengths must lie in \[0, 5\] .*received values from -2 to 3"),
+    ({"inputs": jnp.ones((2, 5))}, ValueError, r"inputs must be \(batch, time, features\), none of them 0; "
+                                               r"received shape \(2, 5\)"),
+    ({"inputs": jnp.ones((2, 0, 1))}, ValueError, r"none of them 0; received shape \(2, 0, 1\)"),
+    ({"inputs": jnp.ones((0, 5, 1)), "lengths": jnp.zeros(0, int), "h0": jnp.zeros((0, 1))}, ValueError,
+     r"none of them 0; received shape \(0, 5, 1\)"),
     ({"w": jnp.full(3, 0.5)}, ValueError, r"w must have shape \(1,\) for inputs of shape \(2, 5, 1\); received \(3,\)"),
-    ({"lengths": jnp.full(3, 5)}, ValueError, r"lengths must have shape \(2,\) .* received \(3,\)"),
+    ({"lengths": jnp.full(3, 5)}, ValueError, r"lengths must have shape \(batch,\) = \(2,\) to match inputs; "
+                                              r"received shape \(3,\)"),
     ({"h0": jnp.zeros((2,))}, ValueError, r"h0 must have shape \(2, 1\) .* received \(2,\)"),
     ({"w": [0.5]}, TypeError, "w must be an array; received list"),
 ])
@@ -411,6 +418,17 @@ def test_arguments_of_the_wrong_dtype_or_shape_are_refused(replace, error, messa
     arguments = dict(zip(names, _arguments(dtype)), **replace)
     with pytest.raises(error, match=message):
         relu_scan(*(arguments[name] for name in names))
+
+
+def test_lengths_outside_the_time_axis_are_clipped_under_jit_and_block_sizes_beyond_it_act_as_it():
+    w, inputs, _, h0 = _arguments(time=5)
+    inputs = inputs * jnp.arange(1.0, 6.0)[None, :, None]
+    scan = jax.jit(relu_scan, static_argnames="block_size")
+    for lengths, clipped in (([7, 3], [5, 3]), ([-2, 2**31 - 1], [0, 5])):
+        chex.assert_trees_all_equal(scan(w, inputs, jnp.array(lengths), h0),
+                                    relu_scan(w, inputs, jnp.array(clipped), h0))
+    huge = relu_scan(w, inputs, jnp.array([5, 3]), h0, block_size=10**9)  # one block, not 1e9 steps of memory
+    chex.assert_trees_all_equal(huge, relu_scan(w, inputs, jnp.array([5, 3]), h0, block_size=5))
 
 
 def test_unrolled_loops_as_on_an_accelerator_give_the_loops_states_and_gradients(monkeypatch):
