@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnjax.cell import PRECISION, ReLUCell
+from rnnjax.masking import check_lengths, length_mask
 from rnnjax.recurrence import Method, check_sequences, resolve_method, rnn
 
 __all__ = ["L1Norm", "RunningCount", "L1NormLearned"]
@@ -144,6 +145,9 @@ class L1NormLearned(nn.Module):
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
         xs = _scalar_sequences(xs)
+        if lengths is not None:  # the dense layer sees no padding, so nothing depends on it (NaN included)
+            lengths = check_lengths(lengths, *xs.shape[:2])
+            xs = jnp.where(length_mask(lengths, xs.shape[1])[..., None], xs, 0)
         # PyTorch's nn.Linear init, U(-1/sqrt(in), 1/sqrt(in)), like the cell's.
         init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
         units = nn.relu(nn.Dense(2, use_bias=False, kernel_init=init, name="dense",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from reference import numpy_rnn
 
-from rnnjax import L1Norm, ReLUCell, RunningCount, rnn
+from rnnjax import L1Norm, L1NormLearned, ReLUCell, RunningCount, rnn
 
 
 def test_cell_has_two_random_weights_and_no_bias():
@@ -98,3 +98,25 @@ def test_models_reject_bad_input(model, xs, error, match):
 def test_models_reject_an_unknown_method():
     with pytest.raises(ValueError, match="received 'quick'"):
         L1Norm(method="quick").init(jax.random.key(0), jnp.ones((1, 3)))
+
+
+@pytest.mark.parametrize("model", [L1Norm, L1NormLearned, RunningCount])
+@pytest.mark.parametrize("method", ["sequential", "parallel"])
+def test_outputs_and_gradients_do_not_depend_on_the_padding(model, method):
+    """Whatever the padding holds (NaN and infinities included), every model's outputs and its
+    gradients with respect to every weight and every input are the same, bit for bit."""
+    model = model(method=method)
+    xs = np.random.default_rng(0).standard_normal((3, 12)).astype(np.float32)
+    lengths = jnp.array([12, 4, 0])
+    padding = np.arange(12)[None] >= np.asarray(lengths)[:, None]
+    variables = model.init(jax.random.key(3), jnp.asarray(xs), lengths)
+
+    def loss(variables, xs):
+        return jnp.sum(jnp.sin(model.apply(variables, xs, lengths)))
+
+    outputs_and_gradients = jax.jit(lambda v, x: (model.apply(v, x, lengths), jax.grad(loss, argnums=(0, 1))(v, x)))
+    results = [outputs_and_gradients(variables, np.where(padding, np.float32(fill), xs))
+               for fill in (0.0, np.nan, np.inf, -np.inf, 1e30)]
+    chex.assert_tree_all_finite(results[0])
+    for result in results[1:]:
+        chex.assert_trees_all_equal(result, results[0])
