@@ -27,6 +27,19 @@ def _scalar_sequences(xs) -> jax.Array:
     )
 
 
+def _check_weights(module: nn.Module, *names: str) -> None:
+    """Refuses variables that lack ``module``'s weights ``names``, naming what they hold."""
+    if module.is_initializing():
+        return
+    held = sorted(module.variables.get("params", {}))
+    missing = [name for name in names if name not in held]
+    if missing:
+        model = type(module).__name__
+        raise ValueError(f"{model}: the variables hold no weights {missing}; expected the variables "
+                         f"{model}().init returns, {{'params': {{{', '.join(f'{n!r}: ...' for n in names)}}}}}; "
+                         f"received params with keys {held}.")
+
+
 def _scalar_cell_rnn(module: nn.Module, xs: jax.Array, lengths, method: Method):
     """Runs a ``ReLUCell(1)`` owned by ``module`` (its weights under "cell") over ``xs``."""
     cell = ReLUCell(features=1)
@@ -69,6 +82,7 @@ class L1Norm(nn.Module):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
+        _check_weights(self, "cell")
         xs = _scalar_sequences(xs)
         magnitudes = jnp.where(xs < 0, -xs, xs)
         final_state, _ = _scalar_cell_rnn(self, magnitudes, lengths, self.method)
@@ -103,6 +117,7 @@ class RunningCount(nn.Module):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
+        _check_weights(self, "cell")
         _, states = _scalar_cell_rnn(self, _scalar_sequences(xs), lengths, self.method)
         return states[..., 0]
 
@@ -144,6 +159,7 @@ class L1NormLearned(nn.Module):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
+        _check_weights(self, "dense", "cell")
         xs = _scalar_sequences(xs)
         if lengths is not None:  # the dense layer sees no padding, so nothing depends on it (NaN included)
             lengths = check_lengths(lengths, *xs.shape[:2])

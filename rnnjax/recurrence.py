@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -137,6 +137,7 @@ def rnn(
             "Add a features axis with xs[..., None], or a batch axis with xs[None]."
         )
     batch, time, _ = xs.shape
+    _check_cell_and_params(cell, params, xs)
     method = resolve_method(cell, method, time=time)
     if lengths is None:
         lengths = jnp.full((batch,), time, jnp.int32)
@@ -170,16 +171,36 @@ def _initial_state(cell, params, xs, initial_state):
         )
     initial_state = jax.tree.map(
         lambda h: h.astype(jnp.promote_types(xs.dtype, h.dtype)), initial_state)
-    try:
-        step = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
-    except flax.errors.ScopeParamShapeError as e:
-        weights = jax.tree.map(jnp.shape, params)
-        raise ValueError(
-            f"params do not fit xs of shape {xs.shape}: the cell's weights {weights} were made "
-            f"for another number of input features ({e}). Initialise the cell with inputs "
-            f"shaped like xs[:, 0] = {xs[:, 0].shape}."
-        ) from None
+    step = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
     return jax.tree.map(lambda h, s: h.astype(s.dtype), initial_state, step)
+
+
+def _check_cell_and_params(cell: Any, params: Any, xs: jax.Array) -> None:
+    """Refuses, quoting what was expected and received, a cell that is not a flax module, and
+    params that are not that cell's variables for inputs shaped like ``xs``: the "params"
+    collection with the weights' names and shapes ``cell.init`` gives, of floating dtypes."""
+    if not isinstance(cell, nn.Module):
+        raise TypeError(f"cell must be a flax module such as ReLUCell(features=1); received "
+                        f"{type(cell).__name__}.")
+    if not isinstance(params, Mapping) or not isinstance(params.get("params"), Mapping):
+        received = (f"a dict with keys {sorted(map(str, params))}" if isinstance(params, Mapping)
+                    else type(params).__name__)
+        raise TypeError(f"params must be the cell's variables as cell.init returns them, "
+                        f"{{'params': {{...}}}}; received {received}. Weights alone go in as "
+                        "{'params': weights}.")
+    key, step_shape = jax.random.key(0), xs[:, 0].shape
+    expected = jax.eval_shape(lambda: cell.init(key, cell.initialize_carry(key, step_shape), xs[:, 0]))
+    shapes = jax.tree.map(jnp.shape, expected["params"])
+    received = jax.tree.map(jnp.shape, dict(params["params"]))
+    if received != shapes:
+        raise ValueError(f"params do not fit this cell and xs of shape {xs.shape}: expected weights "
+                         f"{shapes}; received {received}. Initialise the cell with inputs shaped like "
+                         f"xs[:, 0] = {step_shape}.")
+    for path, weight in jax.tree_util.tree_flatten_with_path(params["params"])[0]:
+        if not jnp.issubdtype(jnp.result_type(weight), jnp.floating):
+            raise TypeError(f"params must be floating point; received {jnp.result_type(weight)} for "
+                            f"{jax.tree_util.keystr(path, simple=True, separator='/')}. Cast them with "
+                            "jax.tree.map(lambda w: w.astype(jnp.float32), params).")
 
 
 def _sequential(cell, params, xs, lengths, initial_state):

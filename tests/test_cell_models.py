@@ -1,5 +1,7 @@
 """ReLUCell and the two seed models."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -120,3 +122,19 @@ def test_outputs_and_gradients_do_not_depend_on_the_padding(model, method):
     chex.assert_tree_all_finite(results[0])
     for result in results[1:]:
         chex.assert_trees_all_equal(result, results[0])
+
+
+@pytest.mark.parametrize("model, weights", [(L1Norm, ["cell"]), (L1NormLearned, ["dense", "cell"]),
+                                            (RunningCount, ["cell"])])
+def test_variables_without_the_models_weights_are_refused_naming_them(model, weights):
+    xs = jnp.ones((2, 5))
+    variables = model().init(jax.random.key(0), xs)
+    expected = ", ".join(f"{name!r}: ..." for name in weights)
+    cases = [({"params": {}}, weights, []), ({}, weights, [])]
+    if len(weights) > 1:
+        cases.append(({"params": {"cell": variables["params"]["cell"]}}, weights[:-1], ["cell"]))
+    for given, missing, held in cases:
+        message = (f"{model.__name__}: the variables hold no weights {missing}; expected the variables "
+                   f"{model.__name__}().init returns, {{'params': {{{expected}}}}}; received params with keys {held}.")
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            model().apply(given, xs)

@@ -725,8 +725,33 @@ def test_unsigned_lengths_past_int32_act_as_time_under_jit(method):
 def test_params_for_another_input_size_are_a_value_error_naming_both_shapes():
     cell = ReLUCell(1)
     params = cell.init(jax.random.key(0), jnp.zeros((1, 1)), jnp.zeros((1, 1)))
-    with pytest.raises(ValueError, match=r"params do not fit xs of shape \(2, 5, 2\).*\(1, 1\)"):
+    with pytest.raises(ValueError, match=r"params do not fit this cell and xs of shape \(2, 5, 2\): expected "
+                                         r"weights \{'W_hh': \(1, 1\), 'W_ih': \(2, 1\)\}; received \{'W_hh': "
+                                         r"\(1, 1\), 'W_ih': \(1, 1\)\}"):
         rnn(cell, params, jnp.ones((2, 5, 2)))
+
+
+@pytest.mark.parametrize("cell, params, error, message", [
+    ("relu", None, TypeError, r"cell must be a flax module such as ReLUCell\(features=1\); received str\.$"),
+    (None, lambda p: {}, TypeError, r"params must be the cell's variables as cell.init returns them, "
+                                    r"\{'params': \{\.\.\.\}\}; received a dict with keys \[\]"),
+    (None, lambda p: p["params"], TypeError, r"received a dict with keys \['W_hh', 'W_ih'\]\. Weights alone go in "
+                                             r"as \{'params': weights\}\.$"),
+    (None, lambda p: None, TypeError, r"\{'params': \{\.\.\.\}\}; received NoneType"),
+    (None, lambda p: {"params": {**p["params"], "b": jnp.ones(1)}}, ValueError,
+     r"expected weights \{'W_hh': \(1, 1\), 'W_ih': \(1, 1\)\}; received \{'W_hh': \(1, 1\), 'W_ih': \(1, 1\), 'b': \(1,\)\}"),
+    (None, lambda p: {"params": {**p["params"], "W_hh": jnp.ones((2, 2))}}, ValueError,
+     r"expected weights \{'W_hh': \(1, 1\), 'W_ih': \(1, 1\)\}; received \{'W_hh': \(2, 2\)"),
+    (None, lambda p: jax.tree.map(lambda w: w.astype(jnp.int32), p), TypeError,
+     r"params must be floating point; received int32 for W_hh\. Cast them with"),
+])
+@pytest.mark.parametrize("method", ["sequential", "parallel"])
+def test_a_cell_or_params_that_do_not_fit_are_refused_naming_both(cell, params, error, message, method):
+    good = ReLUCell(1)
+    variables = good.init(jax.random.key(0), jnp.zeros((2, 1)), jnp.zeros((2, 1)))
+    with pytest.raises(error, match=message):
+        rnn(good if cell is None else cell, variables if params is None else params(variables),
+            jnp.ones((2, 5, 1)), method=method)
 
 
 @pytest.mark.parametrize("vendor, long", [("GenuineIntel", 32), ("AuthenticAMD", 256), ("", 128)])
