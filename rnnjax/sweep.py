@@ -303,8 +303,7 @@ def summarize(result: SweepResult) -> dict[str, Any]:
         "devices": result.devices,
         "counts": counts,
         "fractions": {name: count / n for name, count in counts.items()},
-        "within_tol_at_end": float(np.mean(np.all(
-            [np.abs(w - result.target) < result.tol for w in result.final_weights.values()], 0))),
+        "within_tol_at_end": float(np.mean(_within(result.final_weights, result.target, result.tol))),
         "steps_to_converge": {name: float(np.percentile(converged_at, q)) if converged_at.size
                               else None for name, q in quantiles},
         "seconds": result.seconds,
@@ -337,9 +336,20 @@ def loss_landscape(model: Any, batch: Batch, w_ih: np.ndarray, w_hh: np.ndarray)
     return np.asarray(jax.jit(grid)(jnp.asarray(w_ih, jnp.float32), jnp.asarray(w_hh, jnp.float32)))
 
 
-def _within(named: dict[str, jax.Array], target: float, tol: float) -> jax.Array:
-    """True when every value is within ``tol`` of ``target`` (False for NaN)."""
-    return jnp.all(jnp.stack([jnp.abs(w - target) < tol for w in named.values()]))
+def _within(named: dict[str, Any], target: float, tol: float) -> Any:
+    """True when every value is within ``tol`` of ``target`` (False for NaN); jax or NumPy.
+
+    Decided exactly for any ``tol``, also one below the weights' dtype (``1e-50`` in float32:
+    only ``target`` itself is within): ``|w - target| < tol`` is ``<=`` the largest value of
+    that dtype below ``tol``, where a comparison with ``tol`` cast to the dtype would round."""
+    xp = jnp if any(isinstance(w, jax.Array) for w in named.values()) else np
+    return xp.all(xp.stack([xp.abs(w - target) <= _largest_below(tol, w.dtype) for w in named.values()]), axis=0)
+
+
+def _largest_below(bound: float, dtype: Any) -> np.ndarray:
+    """The largest value of ``dtype`` less than ``bound`` (a positive Python float)."""
+    rounded = np.asarray(bound, dtype)
+    return rounded if float(rounded) < bound else np.nextafter(rounded, np.zeros((), dtype))
 
 
 def _finite(params) -> jax.Array:

@@ -426,14 +426,14 @@ def _near_rule(weight_tol, history: dict[str, np.ndarray], target_weight) -> Cal
     """Returns ``row -> bool``: every watched weight of the row within its tolerance of the target."""
     if not isinstance(weight_tol, Mapping):
         weight_tol = float(weight_tol)
-        return lambda row: row["weight_error"] < weight_tol
+        return lambda row: float(row["weight_error"]) < weight_tol  # in float64: a tol below float32's is not 0
     names = set(history) - {"step", "loss", "grad_norm", "skipped", "weight_error"}
     if set(weight_tol) != names:
         raise ValueError(f"weight_tol must name every watched weight, {sorted(names)}; received "
                          f"{sorted(weight_tol)}.")
     if target_weight is None:
         return lambda row: False
-    return lambda row: all(abs(row[name] - target_weight) < tol for name, tol in weight_tol.items())
+    return lambda row: all(abs(float(row[name]) - target_weight) < tol for name, tol in weight_tol.items())
 
 
 def _trailing_dead_steps(history: dict[str, np.ndarray]) -> int:

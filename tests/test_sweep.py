@@ -8,12 +8,14 @@ import jax
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import numpy_rnn, numpy_scalar_adam
 
 from rnnjax.data import count_batch, l1_batch
 from rnnjax.models import L1Norm, RunningCount
 from rnnjax.recipes import RECIPES, sweep_recipe
-from rnnjax.sweep import OUTCOMES, loss_landscape, summarize, sweep
+from rnnjax.sweep import OUTCOMES, _within, loss_landscape, summarize, sweep
 from rnnjax.sweep_plot import plot_sweep
 from rnnjax.train import fit
 
@@ -174,3 +176,28 @@ def test_a_shared_batch_trains_every_seed_on_it():
     assert alone.stop_reason == "budget"  # seed 3 is live
     chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], result.final_params),
                                 alone.state.params, rtol=1e-6)
+
+
+def test_a_tolerance_below_float32s_smallest_asks_for_the_target_itself():
+    """tol 1e-50 is 0 in float32; "within 1e-50 of 1" still holds for a weight of exactly 1.0,
+    in a sweep as in a single run (the default recipe reaches 1.0 exactly)."""
+    from rnnjax.tasks import sweep_task, task_settings, train_task
+
+    runs = {tol: sweep_task("l1", seeds=2, steps=600, tol=tol)[1] for tol in (1e-9, 1e-38, 1e-50)}
+    assert (runs[1e-9].outcome == "converged").all()
+    for result in runs.values():
+        np.testing.assert_array_equal(result.converged_at, runs[1e-9].converged_at)
+        assert summarize(result)["within_tol_at_end"] == summarize(runs[1e-9])["within_tol_at_end"]
+    single = train_task("l1", seed=0, settings=task_settings("l1", steps=600, tol=1e-50))
+    assert single.stop_reason == "weights" and single.steps == runs[1e-9].converged_at[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(error=st.floats(0, 1, width=32), tol=st.floats(1e-60, 1.0, exclude_min=True),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_within_is_the_exact_comparison_whatever_the_tolerance(error, tol, dtype):
+    weight = np.asarray(1.0 + error if dtype == np.float64 else np.float32(1) - np.float32(error) / 2, dtype)
+    exact = abs(float(weight) - 1.0) < tol
+    assert bool(_within({"w": weight}, 1.0, tol)) == exact
+    if dtype == np.float32:  # as the sweep's compiled program decides it
+        assert bool(jax.jit(lambda w: _within({"w": w}, 1.0, tol))(jax.numpy.asarray(weight))) == exact
