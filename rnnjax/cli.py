@@ -213,6 +213,9 @@ def train(args) -> int:
                                    length=args.max_length)
     _check_step_size(settings["batch_size"] * settings["length"],
                      f"--batch-size {settings['batch_size']:,} x --max-length {settings['length']:,}")
+    if args.task == "count" and settings["length"] > tasks.COUNT_MAX_LENGTH:
+        raise ValueError(f"--max-length {settings['length']}: a count sequence is at most "
+                         f"{tasks.COUNT_MAX_LENGTH:,} long (float32 counts are exact up to there)")
     # A resumed run keeps its saved batch size, which fit checks against the devices itself.
     _check_devices(args.devices, None if args.resume else settings["batch_size"])
     given = {"recipe": args.recipe, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
@@ -252,7 +255,7 @@ def train(args) -> int:
         "dead": _all_dead(run.first_seed, len(run.dead_seeds) + 1),
         "diverged": f"the run diverged at step {result.steps + 1} (a non-finite loss, gradient or weight); "
                     f"its last finite state, after step {result.steps}, is {where}; try a lower --lr "
-                    "or --skip-nonfinite",
+                    f"or {'a larger ' if run.settings['skip_nonfinite'] else ''}--skip-nonfinite",
         "budget": f"not converged within {result.steps} steps ({where}); "
                   + (f"continue with: rnnjax train {args.task} --out {args.out} --resume --steps N"
                      if args.out else "raise --steps"),
@@ -264,6 +267,9 @@ def train(args) -> int:
 
 
 def evaluate(args) -> int:
+    if args.input and args.seed is not None:
+        raise ValueError("--seed draws the random sequence of --length; --input reads its sequence "
+                         "from the file: give one of them")
     loaded = runs.load_run(args.params, args.task)
     if args.input:
         try:
@@ -271,24 +277,37 @@ def evaluate(args) -> int:
         except ValueError as e:
             raise ValueError(f"--input {e}") from None
     else:
-        rng = np.random.default_rng(args.seed)
+        rng = np.random.default_rng(args.seed or 0)
         sequence = rng.integers(0, 2, args.length) if args.task == "count" else rng.standard_normal(args.length)
     if args.task == "count" and sequence.size > tasks.COUNT_MAX_LENGTH:
         given = f"--length {args.length}" if args.input is None else f"--input {args.input}"
         raise ValueError(f"{given}: a count sequence is at most {tasks.COUNT_MAX_LENGTH:,} long (float32 "
                          f"counts are exact up to there); received {sequence.size:,} steps")
-    if not loaded.converged:
-        print(f"rnnjax: warning: --params {args.params}: not a converged run ({loaded.status}); "
-              "do not trust its outputs", file=sys.stderr)
+    untrusted = [] if loaded.converged else [f"--params {args.params}: not a converged run ({loaded.status})"]
     if args.task != "count":
         predicted, exact, error = tasks.l1_check(loaded.params, sequence, args.method, task=args.task)
         print(f"length {sequence.size}: predicted {predicted:.9g}, exact {exact:.9g} (float64), "
               f"relative error {error:.2e}")
-        return 0
-    predicted, exact = tasks.count_check(loaded.params, sequence[None], args.method)
-    print(f"length {sequence.size}: final count predicted {predicted[0, -1]:.6g}, exact "
-          f"{exact[0, -1]:.6g}; largest error over all steps {np.abs(predicted - exact).max():.2e}")
+        if not error <= tasks.L1_EVAL_TOL[args.task]:
+            untrusted.append(f"relative error {error:.2e}, above the {tasks.L1_EVAL_TOL[args.task]:g} "
+                             f"rnnjax holds {args.task} to" + _method_advice(args.method, loaded.converged))
+    else:
+        predicted, exact = tasks.count_check(loaded.params, sequence[None], args.method)
+        errors = np.abs(predicted - exact)[0]
+        print(f"length {sequence.size}: final count predicted {predicted[0, -1]:.6g}, exact "
+              f"{exact[0, -1]:.6g}; largest error over all steps {errors.max():.2e}")
+        if not errors.max() < 0.5:
+            step = int(np.argmax(~(errors < 0.5)))
+            untrusted.append(f"the count after step {step + 1} is off by {errors[step]:.3g}: it rounds to "
+                             "a wrong count")
+    if untrusted:
+        print(f"rnnjax: error: do not trust these outputs: {'; '.join(untrusted)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _method_advice(method: str, converged: bool) -> str:
+    return "; try --method auto (the default)" if method == "sequential" and converged else ""
 
 
 def _add_recipe(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -345,7 +364,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--length", type=_length,
                         help=f"draw a random sequence this long (count: at most {tasks.COUNT_MAX_LENGTH:,})")
     source.add_argument("--input", type=_path, help="a .npy, .csv or .txt file of numbers (count: 0s and 1s)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the random sequence (default 0)")
+    p.add_argument("--seed", type=_seed, help="seed of the random sequence of --length (default 0)")
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="default auto: the exact parallel scan from 256 steps on a CPU "
                         "(within 1e-6 of the float64 norm up to 1e8 steps), the loop below")
@@ -371,6 +390,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def sweep(args) -> int:
+    if args.overwrite and not args.out:
+        raise ValueError("--overwrite needs --out")
+    if args.first_seed + args.seeds > SEED_LIMIT:
+        raise ValueError(f"--first-seed {args.first_seed} --seeds {args.seeds}: the seeds must lie below 2**31; "
+                         f"give at most --seeds {SEED_LIMIT - args.first_seed} or a lower --first-seed")
     settings = tasks.task_settings(args.task, recipe=args.recipe)
     _check_step_size(args.seeds * settings["batch_size"] * settings["length"],
                      f"--seeds {args.seeds:,} x {settings['batch_size']} sequences x {settings['length']} steps")

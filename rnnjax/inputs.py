@@ -2,7 +2,8 @@
 
 A file holds one sequence: all its numbers on one line, or one number per line (a column). Every
 value must be a plain decimal number (``3``, ``-0.5``, ``1e-3``; no ``1_000``, ``0x10``, ``nan``
-or ``inf``) within float32's range, since the networks compute in float32. A UTF-8 byte-order
+or ``inf``) within float32's range, since the networks compute in float32: 0, or a magnitude
+from its smallest normal number (1.175e-38) to its largest (3.403e38). A UTF-8 byte-order
 mark, as spreadsheets write it, is skipped. Whatever is wrong is named with its line and column
 (text) or index (``.npy``) in a ``ValueError``.
 """
@@ -16,15 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FLOAT32_MAX", "parse_number", "read_sequence"]
+__all__ = ["FLOAT32_MAX", "FLOAT32_TINY", "parse_number", "read_sequence"]
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The smallest normal float32 magnitude: XLA flushes smaller ones to 0 on a CPU, so a non-zero
+# value below it would be read as 0 without a word; it is refused instead.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _TXT_FIELD = re.compile(r"[^ \t]+")
 
 
-def _show(text: str, limit: int = 24) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")
+def _cut(text: str, limit: int = 24) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _show(text: str) -> str:
+    return repr(_cut(text))
 
 
 def parse_number(text: str) -> float:
@@ -41,7 +49,10 @@ def parse_number(text: str) -> float:
         raise ValueError(f"{_show(text)} is not {kind}")
     value = float(text)
     if not abs(value) <= FLOAT32_MAX:
-        raise ValueError(f"{text} is beyond float32's range (largest magnitude {FLOAT32_MAX:.4g})")
+        raise ValueError(f"{_cut(text)} is beyond float32's range (largest magnitude {FLOAT32_MAX:.4g})")
+    if abs(value) < FLOAT32_TINY and re.search(r"[1-9]", text.lower().split("e")[0]):
+        raise ValueError(f"{_cut(text)} is below float32's range (smallest normal magnitude {FLOAT32_TINY:.4g}, "
+                         "where it would be read as 0); write 0, or scale the sequence")
     return value
 
 
@@ -104,7 +115,7 @@ def _read_text(path: Path, suffix: str, bits: bool) -> np.ndarray:
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
             if bits and value not in (0.0, 1.0):
-                raise ValueError(f"{where}: {token} is not 0 or 1 (the count network reads bits)")
+                raise ValueError(f"{where}: {_cut(token)} is not 0 or 1 (the count network reads bits)")
             row.append(value)
         rows.append((line_number, row))
     if len(rows) > 1:
@@ -168,12 +179,15 @@ def _read_npy(path: Path, bits: bool) -> np.ndarray:
     values = values.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
         as_float = values.astype(np.float64)
-    bad = ~(np.abs(as_float) <= FLOAT32_MAX)
+    magnitude = np.abs(as_float)
+    bad = ~(magnitude <= FLOAT32_MAX) | ((magnitude < FLOAT32_TINY) & (magnitude > 0))
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
-        what = "NaN" if np.isnan(as_float[index]) else f"{values[index]} is beyond float32's range"
+        what = ("NaN" if np.isnan(as_float[index]) else
+                f"{values[index]} is {'beyond' if magnitude[index] > 1 else 'below'} float32's range")
         raise ValueError(f"{path}: index {index}: {what}; expected finite numbers within "
-                         f"float32's range ({int(bad.sum())} such values)")
+                         f"float32's range, 0 or {FLOAT32_TINY:.4g} to {FLOAT32_MAX:.4g} in magnitude "
+                         f"({int(bad.sum())} such values)")
     if bits and not np.isin(as_float, (0.0, 1.0)).all():
         index = int(np.flatnonzero(~np.isin(as_float, (0.0, 1.0)))[0])
         raise ValueError(f"{path}: index {index}: {values[index]} is not 0 or 1 (the count network reads bits)")

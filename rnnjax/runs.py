@@ -90,7 +90,10 @@ class LoadedRun(NamedTuple):
 def write_atomically(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Writes ``path`` through a temporary file in the same folder, then renames it into place,
     so no reader ever sees half a file; the file gets the usual permissions (0666 less umask)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # named by the file meant, not the temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -98,8 +101,10 @@ def write_atomically(path: Path, write: Callable[[Any], None], mode: str = "wb")
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk says nothing of the file it filled
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -133,13 +138,16 @@ def prepare_run_folder(out: str | os.PathLike, *, resume: bool = False, overwrit
     if entries and not overwrite:
         raise ValueError(f"--out {out}: already holds a run; pass --resume to continue it or "
                          "--overwrite to replace it")
-    for entry in entries:
-        if entry.name == CHECKPOINTS:
-            delete_checkpoints(entry)
-        elif entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    try:
+        for entry in entries:
+            if entry.name == CHECKPOINTS:
+                delete_checkpoints(entry)
+            elif entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot replace the run there ({e.strerror or e})") from None
     return writable_folder(out)
 
 
@@ -169,35 +177,48 @@ def _resume_point(out: Path, task: str, given: dict, first_seed: int | None) -> 
     steps = checkpoint_steps(folder)
     if not steps:
         raise ValueError(f"--out {out}: holds no complete checkpoint to resume; start afresh with --overwrite")
-    info = checkpoint_info(folder, steps[-1])
-    run = info["run"]
-    _check_run_info(run, folder / str(steps[-1]))
-    if run["task"] != task:
-        raise ValueError(f"--out {out}: holds a run of the {run['task']!r} network, not {task!r}")
-    if first_seed is not None and first_seed != run["first_seed"]:
-        raise ValueError(f"--seed {first_seed}: the run in {out} started from seed {run['first_seed']}; "
-                         "a resumed run keeps its seed")
-    settings = dict(run["settings"])
-    for name, value in given.items():
-        if name in RESUMABLE:
-            settings[name] = value
-        elif value != settings[name]:
-            raise ValueError(f"{_FLAGS.get(name, '--' + name.replace('_', '-'))} {value}: the run in {out} trains with "
-                             f"{settings[name]}; a resumed run keeps its settings")
-    metrics = _read_metrics(out)
-    if metrics is not None and metrics.get("steps") == steps[-1]:
-        reason = metrics.get("stop_reason")
-        if reason != "budget":
-            raise ValueError(f"--out {out}: that run already ended ({STOP_REASONS.get(reason, reason)}, "
-                             f"step {steps[-1]}); nothing to resume")
-        if settings["steps"] <= steps[-1]:
-            raise ValueError(f"--out {out}: that run spent its budget of {steps[-1]} steps; "
-                             "pass a larger --steps to continue it")
-    template = task_start(task, _training_settings(settings), seed=info["seed"])
-    start = restore_checkpoint(folder, steps[-1], template)
-    if start.steps > settings["steps"]:
-        raise ValueError(f"--steps {settings['steps']}: that run has taken {start.steps} steps already")
-    return {**run, "settings": settings, "seed": info["seed"]}, start
+    try:
+        info = checkpoint_info(folder, steps[-1])
+        run = info["run"]
+        _check_run_info(run, folder / str(steps[-1]))
+        if run["task"] != task:
+            raise ValueError(f"--out {out}: holds a run of the {run['task']!r} network, not {task!r}")
+        if first_seed is not None and first_seed != run["first_seed"]:
+            raise ValueError(f"--seed {first_seed}: the run in {out} started from seed {run['first_seed']}; "
+                             "a resumed run keeps its seed")
+        settings = dict(run["settings"])
+        for name, value in given.items():
+            if name in RESUMABLE:
+                settings[name] = value
+            elif value != settings[name]:
+                flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+                raise ValueError(f"{flag} {value}: the run in {out} trains with {settings[name]}; a resumed "
+                                 "run keeps its settings")
+        metrics = _read_metrics(out)
+        if metrics is not None and metrics.get("steps") == steps[-1]:
+            reason = metrics.get("stop_reason")
+            if reason != "budget":
+                raise ValueError(f"--out {out}: that run already ended ({STOP_REASONS.get(reason, reason)}, "
+                                 f"step {steps[-1]}); nothing to resume")
+            if settings["steps"] <= steps[-1]:
+                raise ValueError(f"--out {out}: that run spent its budget of {steps[-1]} steps; "
+                                 "pass a larger --steps to continue it")
+        template = task_start(task, _training_settings(settings), seed=info["seed"])
+        start = restore_checkpoint(folder, steps[-1], template)
+        if start.steps > settings["steps"]:
+            raise ValueError(f"--steps {settings['steps']}: that run has taken {start.steps} steps already")
+        return {**run, "settings": settings, "seed": info["seed"]}, start
+    except ValueError as e:
+        raise _pointing_to_older(e, folder, steps[-1], "move that step folder aside to resume from {}") from None
+
+
+def _pointing_to_older(error: ValueError, folder: Path, step: int, use: str) -> ValueError:
+    """``error``, about the checkpoint at ``step``, with where to find the one before it (``use``
+    formatted with its folder), if there is one."""
+    older = [s for s in checkpoint_steps(folder) if s < step]
+    if not older or not str(error).startswith(str(folder / str(step))):
+        return error
+    return ValueError(f"{error}; the checkpoint before it may be whole: {use.format(folder / str(older[-1]))}")
 
 
 def _check_run_info(run: dict, where: Path) -> None:
@@ -297,6 +318,10 @@ def train_run(
         run, start = _resume_point(out, task, given, first_seed)
         settings, first_seed, seed = run["settings"], run["first_seed"], run["seed"]
         dead_seeds, resumed_at = list(run["dead_seeds"]), [*run["resumed_at"], start.steps]
+        count = len(jax.devices()) if devices is None else devices
+        if settings["batch_size"] % count:
+            raise ValueError(f"--devices {count}: the run's batch of {settings['batch_size']} sequences does not "
+                             f"split evenly over {count} devices; give a --devices that divides {settings['batch_size']}")
         for name in (METRICS, PLOT):  # a run resumed after its budget ends anew
             (out / name).unlink(missing_ok=True)
     else:
@@ -410,13 +435,16 @@ def load_run(path: str | os.PathLike, task: str) -> LoadedRun:
                              "written by 'rnnjax train --out'")
         step = steps[-1]
     where = folder / str(step)
-    info = checkpoint_info(folder, step)
-    _check_run_info(info["run"], where)
-    if info["run"]["task"] != task:
-        raise ValueError(f"--params {path}: that run trained the {info['run']['task']!r} network, not {task!r}")
-    settings = info["run"]["settings"]
-    template = task_start(task, _training_settings(settings), seed=info["seed"])
-    params = network_params(settings, restore_checkpoint(folder, step, template).state.params)
+    try:
+        info = checkpoint_info(folder, step)
+        _check_run_info(info["run"], where)
+        if info["run"]["task"] != task:
+            raise ValueError(f"--params {path}: that run trained the {info['run']['task']!r} network, not {task!r}")
+        settings = info["run"]["settings"]
+        template = task_start(task, _training_settings(settings), seed=info["seed"])
+        params = network_params(settings, restore_checkpoint(folder, step, template).state.params)
+    except ValueError as e:
+        raise _pointing_to_older(e, folder, step, "--params {}") from None
     converged = task_converged(task, settings, params)
     metrics = _read_metrics(folder.parent)
     if metrics is None:

@@ -21,7 +21,7 @@ from rnnjax.train import SEED_LIMIT, FitResult, fit, fit_start, weight_elements
 
 __all__ = ["Task", "TASKS", "DEFAULT_RECIPE", "DEAD_SEED_TRIES", "SLOPE_TOL", "task_settings", "task_start",
            "train_task", "train_until_live", "sweep_task", "network_params", "watched", "converged", "l1_check",
-           "count_check", "COUNT_MAX_LENGTH", "MAX_STEP_NUMBERS"]
+           "count_check", "COUNT_MAX_LENGTH", "MAX_STEP_NUMBERS", "L1_EVAL_TOL"]
 
 
 class Task(NamedTuple):
@@ -56,6 +56,11 @@ TASKS = {
 }
 
 SLOPE_TOL = 1e-6
+
+# The relative error of the L1 norm, against the float64 sum, beyond which `rnnjax eval` does
+# not trust a result: the 1e-6 that "auto" keeps at any length up to 1e8, plus for l1-learned
+# the SLOPE_TOL its converged slopes may be off by. A count is trusted while it rounds right.
+L1_EVAL_TOL = {"l1": 1e-6, "l1-learned": 1e-6 + SLOPE_TOL}
 
 # The most numbers one training step's inputs may hold (train: batch size x length; sweep: seeds
 # x batch size x length), refused before anything is compiled: beyond it the arrays do not fit a

@@ -136,3 +136,22 @@ def test_restoring_does_not_depend_on_jax_arrays_left_over(saved):
     restored = restore_checkpoint(folder, 40, template())
     assert isinstance(restored.history["loss"], np.ndarray) and restored.history["loss"].shape == (40,)
     assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(restored.state))
+
+
+def test_a_file_that_cannot_be_written_is_named_and_nothing_is_left_half_written(tmp_path):
+    from rnnjax.runs import write_atomically
+
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+
+    def fill_the_disk(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as info:
+        write_atomically(path, fill_the_disk)
+    assert (info.value.errno, info.value.strerror, info.value.filename) == (28, "No space left on device", str(path))
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    with pytest.raises(OSError) as info:
+        write_atomically(tmp_path / "missing" / "metrics.json", lambda f: None)
+    assert info.value.filename == str(tmp_path / "missing" / "metrics.json")

@@ -91,7 +91,19 @@ def test_eval_reads_each_format(l1_run, tmp_path, capsys, name, content):
 def test_eval_on_a_long_random_sequence(l1_run, capsys):
     assert main(["eval", "l1", "--params", str(l1_run), "--length", "10000", "--method", "parallel"]) == 0
     error = float(capsys.readouterr().out.rsplit("relative error ", 1)[1])
-    assert error < 1e-5
+    assert error < 1e-6
+
+
+def test_eval_of_a_result_beyond_its_accuracy_prints_it_and_exits_1(l1_run, capsys):
+    """The loop's float32 sum drifts past 1e-6 by 1e5 steps: shown, and flagged."""
+    assert main(["eval", "l1", "--params", str(l1_run), "--length", "100000", "--method", "sequential"]) == 1
+    captured = capsys.readouterr()
+    error = float(captured.out.rsplit("relative error ", 1)[1])
+    assert error > 1e-6
+    assert captured.err == (f"rnnjax: error: do not trust these outputs: relative error {error:.2e}, above the 1e-06 "
+                            "rnnjax holds l1 to; try --method auto (the default)\n")
+    assert main(["eval", "l1", "--params", str(l1_run), "--length", "100000"]) == 0
+    assert float(capsys.readouterr().out.rsplit("relative error ", 1)[1]) < 1e-6
 
 
 # The issue's table, row by row, and more: one line naming the flag or file, exit 2. A tuple is
@@ -121,13 +133,17 @@ def test_eval_on_a_long_random_sequence(l1_run, capsys):
     ("l1", ["--length", "3", "--seed", "99999999999999999999"], r"expected a seed in"),
     ("l1", ["--length", "3", "--method", "fast"], r"argument --method: invalid choice: 'fast'"),
     ("l1", ["--length", "3", "--params", ""], r"argument --params: expected a path; received ''$"),
+    ("l1", ("x.csv", "1e-45,1e-40"), r"x.csv: line 1, column 1: 1e-45 is below float32's range"),
+    ("l1", ("x.csv", "2,1e-400"), r"x.csv: line 1, column 3: 1e-400 is below float32's range"),
+    ("l1", ("x.csv", "3,-5,7,-2", "--seed", "5"), r"--seed draws the random sequence of --length; --input reads its "
+                                                  r"sequence from the file: give one of them$"),
 ])
 def test_eval_bad_input_is_one_line_and_exit_2(l1_run, count_run, tmp_path, capsys, task, given, match):
     if isinstance(given, tuple):
-        name, content = given
+        name, content, *more = given
         if content is not None:
             (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-        given = ["--input", str(tmp_path / name)]
+        given = ["--input", str(tmp_path / name), *more]
     run = {"l1": l1_run, "count": count_run}[task]
     with pytest.raises(SystemExit) as exit_info:
         raise SystemExit(main(["eval", task, "--params", str(run), *given]))
@@ -145,11 +161,14 @@ def test_eval_takes_any_checkpoint_and_refuses_what_is_not_one(l1_run, tmp_path,
         assert main(["eval", "count", "--params", str(path), "--length", "50"]) == 0
         captured = capsys.readouterr()
         assert "largest error over all steps 0.00e+00" in captured.out and captured.err == ""
-    assert main(["eval", "count", "--params", str(out / "checkpoints" / "100"), "--length", "50"]) == 0
-    warning = capsys.readouterr().err.strip().splitlines()
-    assert len(warning) == 1 and re.fullmatch(
-        rf"rnnjax: warning: --params \S+/100: not a converged run \(a checkpoint at step 100; the run ended at step "
-        rf"{steps[-1]}, stop reason: weights\); do not trust its outputs", warning[0])
+    assert main(["eval", "count", "--params", str(out / "checkpoints" / "100"), "--length", "50"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith("length 50: final count predicted")
+    error = captured.err.strip().splitlines()
+    assert len(error) == 1 and re.fullmatch(
+        rf"rnnjax: error: do not trust these outputs: --params \S+/100: not a converged run \(a checkpoint at step "
+        rf"100; the run ended at step {steps[-1]}, stop reason: weights\)(; the count after step \d+ is off by "
+        r"\S+: it rounds to a wrong count)?", error[0])
 
     cases = [
         (tmp_path / "nowhere", r"--params \S+nowhere: no such folder$"),
@@ -169,8 +188,14 @@ def test_eval_takes_any_checkpoint_and_refuses_what_is_not_one(l1_run, tmp_path,
     assert main(["eval", "count", "--params", str(damaged), "--length", "3"]) == 2
     one_error_line(capsys.readouterr(), rf"{last}: (cannot be read|damaged checkpoint)")
     (last / "run" / "metadata").unlink()
+    before = damaged / "checkpoints" / "300"
     assert main(["eval", "count", "--params", str(damaged), "--length", "3"]) == 2
-    one_error_line(capsys.readouterr(), rf"{last}: not an rnnjax checkpoint \(no run/metadata\)$")
+    one_error_line(capsys.readouterr(), rf"{last}: not an rnnjax checkpoint \(no run/metadata\); the checkpoint "
+                                        rf"before it may be whole: --params {before}$")
+    assert main(["train", "count", "--out", str(damaged), "--resume"]) == 2
+    one_error_line(capsys.readouterr(), rf"{last}: not an rnnjax checkpoint \(no run/metadata\); the checkpoint "
+                                        rf"before it may be whole: move that step folder aside to resume from {before}$")
+    assert main(["eval", "count", "--params", str(before), "--length", "3"]) == 1  # whole, and not the end of its run
 
 
 def test_a_damaged_checkpoint_is_one_line_whatever_orbax_logs(count_run, tmp_path):
@@ -189,7 +214,7 @@ def test_a_damaged_checkpoint_is_one_line_whatever_orbax_logs(count_run, tmp_pat
     assert result.stderr.count("\n") == 1, result.stderr
 
 
-def test_a_diverging_run_is_saved_as_diverged_exits_1_and_eval_warns(tmp_path, capsys):
+def test_a_diverging_run_is_saved_as_diverged_and_exits_1_and_so_does_its_eval(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "l1", "--lr", "1e6", "--seed", "3", "--out", str(out)]) == 1
     train_error_line(capsys.readouterr(), re.escape(
@@ -199,10 +224,11 @@ def test_a_diverging_run_is_saved_as_diverged_exits_1_and_eval_warns(tmp_path, c
     assert (metrics["stop_reason"], metrics["converged"], metrics["steps"]) == ("diverged", False, 0)
     assert metrics["diverged_at_step"] == 1 and metrics["settings"]["lr"] == 1e6
     assert metrics["weights"] == metrics["initial_weights"]
-    assert main(["eval", "l1", "--params", str(out), "--length", "5"]) == 0
+    assert main(["eval", "l1", "--params", str(out), "--length", "5"]) == 1
     captured = capsys.readouterr()
-    assert captured.err == (f"rnnjax: warning: --params {out}: not a converged run (stop reason: diverged, "
-                            "after 0 steps); do not trust its outputs\n")
+    assert re.fullmatch(rf"rnnjax: error: do not trust these outputs: --params {re.escape(str(out))}: not a converged "
+                        r"run \(stop reason: diverged, after 0 steps\)(; relative error \S+, above the 1e-06 rnnjax "
+                        r"holds l1 to)?\n", captured.err), captured.err
     assert captured.out.startswith("length 5: predicted")
 
 
@@ -341,7 +367,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_bits(count_run,
         process.kill()  # SIGKILL: no handler runs
         process.communicate()
         assert process.returncode == -9
-        assert main(["eval", "count", "--params", str(out), "--length", "5"]) == 0  # the last whole step loads
+        assert main(["eval", "count", "--params", str(out), "--length", "5"]) == 1  # the last whole step loads
         assert "interrupted or killed at step" in capsys.readouterr().err
     assert main(["train", "count", "--out", str(out), "--resume", "--checkpoint-every", "1000"]) == 0
     assert len(strict_json(out / "metrics.json")["resumed_at"]) == 2
@@ -372,6 +398,8 @@ def test_unknown_command_is_one_line_and_exit_2():
     (["train", "count", "--max-length", "1000000000"], r"8,000,000,000 numbers a step, more than the 100,000,000"),
     (["train", "l1", "--batch-size", "2147483647"], r"--batch-size 2,147,483,647 x --max-length 10 is"),
     (["sweep", "l1", "--seeds", "1000000000"], r"--seeds 1,000,000,000 x 8 sequences x 10 steps is 80,000,000,000"),
+    (["train", "count", "--batch-size", "1", "--max-length", "20000000"],
+     r"--max-length 20000000: a count sequence is at most 16,777,216 long \(float32 counts are exact up to there\)$"),
 ])
 def test_sizes_beyond_memory_are_refused_before_compiling(capsys, argv, match):
     start = time.perf_counter()

@@ -124,7 +124,8 @@ def test_a_sweep_in_which_no_seed_converges_exits_1(tmp_path, capsys):
 @pytest.mark.parametrize("args, match", [
     (["--seeds", "0"], r"argument --seeds: expected a positive integer; received '0'$"),
     (["--devices", "99"], r"devices must be an integer from 1 to \d+ \(the cpu devices JAX sees\); received 99"),
-    (["--first-seed", str(2**31 - 2), "--seeds", "5"], r"seeds must lie in \[0, 2\*\*31\)"),
+    (["--first-seed", str(2**31 - 2), "--seeds", "5"], r"--first-seed 2147483646 --seeds 5: the seeds must lie below "
+                                                       r"2\*\*31; give at most --seeds 2 or a lower --first-seed$"),
     (["--recipe", "magic"], r"argument --recipe: invalid choice: 'magic'"),
     (["--tol", "0"], r"argument --tol: expected a tolerance in \(0, 1\); received '0'$"),
     (["--tol", "1e10"], r"argument --tol: expected a tolerance in \(0, 1\); received '1e10'$"),
@@ -136,6 +137,11 @@ def test_sweep_bad_input_is_one_line_and_exit_2(args, match, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and re.search(match, last_error(captured))
     assert not (tmp_path / "new").exists()  # never an empty folder left behind
+
+
+def test_overwrite_without_out_is_refused(capsys):
+    assert main(["sweep", "l1", "--seeds", "2", "--overwrite"]) == 2
+    assert capsys.readouterr().err == "rnnjax: error: --overwrite needs --out\n"
 
 
 def test_redrawing_dead_inits_stops_at_the_last_seed_the_cli_takes(capsys):

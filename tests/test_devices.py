@@ -8,6 +8,7 @@ they run directly.
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 
 import chex
@@ -100,3 +101,10 @@ def test_four_devices_fit_equals_one_device(capsys):
         assert main(["train", "l1", "--steps", "5", *flags]) == 2
         captured = capsys.readouterr()
         assert captured.out == "" and len(captured.err.splitlines()) == 1 and match in captured.err, captured.err
+    # a resumed run keeps its batch of 8, which 3 devices do not split: the flag is named
+    with tempfile.TemporaryDirectory() as out:
+        assert main(["train", "l1", "--steps", "5", "--out", out]) == 1  # out of budget
+        capsys.readouterr()
+        assert main(["train", "l1", "--steps", "10", "--out", out, "--resume", "--devices", "3"]) == 2
+        assert capsys.readouterr().err == (f"rnnjax: error: --devices 3: the run's batch of 8 sequences does not split "
+                                           "evenly over 3 devices; give a --devices that divides 8\n")

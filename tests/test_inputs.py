@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rnnjax.inputs import FLOAT32_MAX, parse_number, read_sequence
+from rnnjax.inputs import FLOAT32_MAX, FLOAT32_TINY, parse_number, read_sequence
 
 
 def write(tmp_path, name, content):
@@ -24,6 +24,7 @@ def write(tmp_path, name, content):
     ("row.txt", "3 -5\t7   -2", [3, -5, 7, -2]),
     ("column.txt", "\n3\n\n-5\n7\n-2\n\n", [3, -5, 7, -2]),
     ("forms.txt", "+1 1. .5 -2.5e-3 1E+2 0", [1, 1, 0.5, -2.5e-3, 100, 0]),
+    ("zeros.txt", "0e-400 -0.000 1.2e-38", [0, 0, 1.2e-38]),
     ("largest.txt", f"{FLOAT32_MAX!r} -3.4e38", [FLOAT32_MAX, -3.4e38]),
 ])
 def test_text_files_that_hold_one_sequence_are_read(tmp_path, name, content, expected):
@@ -42,6 +43,11 @@ def test_text_files_that_hold_one_sequence_are_read(tmp_path, name, content, exp
     ("inf.csv", "1,-Infinity", r"line 1, column 3: '-Infinity' is not a finite number$"),
     ("big.txt", "1e39", r"line 1, column 1: 1e39 is beyond float32's range \(largest magnitude 3.403e\+38\)$"),
     ("huge.txt", "2 -1e400", r"line 1, column 3: -1e400 is beyond float32's range"),
+    ("tiny.csv", "1e-45,1e-40", r"line 1, column 1: 1e-45 is below float32's range \(smallest normal magnitude "
+                                r"1.175e-38, where it would be read as 0\); write 0, or scale the sequence$"),
+    ("underflow.txt", "3\n-1e-400", r"line 2, column 1: -1e-400 is below float32's range"),
+    ("digits.csv", "9" * 5000, r"line 1, column 1: 9{24}\.\.\. is beyond float32's range \(largest magnitude 3.403e\+38\)$"),
+    ("zeros.csv", "0." + "0" * 5000 + "1", r"line 1, column 1: 0\.0{22}\.\.\. is below float32's range"),
     ("word.csv", "1,2\n", None),
     ("semicolon.csv", "1;2", r"line 1, column 1: '1;2' is not a number$"),
     ("comma.txt", "1, 2", r"line 1, column 1: '1,' is not a number$"),
@@ -91,7 +97,9 @@ def test_bad_npy_files_are_refused_in_our_own_words(tmp_path):
     cases = [
         (np.ones((2, 3)), r"x.npy: expected one sequence; received an array of shape \(2, 3\)$"),
         (np.array([1.0, 1e39, np.nan]), r"x.npy: index 1: 1e\+39 is beyond float32's range; expected finite "
-                                        r"numbers within float32's range \(2 such values\)$"),
+                                        r"numbers within float32's range, 0 or 1.175e-38 to 3.403e\+38 in "
+                                        r"magnitude \(2 such values\)$"),
+        (np.array([0.0, -1e-40, 1e-39, 1.0]), r"x.npy: index 1: -1e-40 is below float32's range; .*\(2 such values\)$"),
         (np.array([0.0, np.nan]), r"index 1: NaN"),
         (np.array([1 + 2j]), r"expected real numbers; received dtype complex128$"),
         (np.array(["a"]), r"expected real numbers; received dtype <U1$"),
@@ -164,7 +172,7 @@ def check_read(path, bits):
         assert message.startswith(f"{path}: ") and "\n" not in message and "\r" not in message, message
         return None
     assert values.ndim == 1 and values.size > 0 and values.dtype == np.float64
-    assert np.all(np.abs(values) <= FLOAT32_MAX)
+    assert np.all((np.abs(values) <= FLOAT32_MAX) & ((np.abs(values) >= FLOAT32_TINY) | (values == 0)))
     if bits:
         assert set(values) <= {0.0, 1.0}
     return values
