@@ -126,8 +126,9 @@ def checkpoint_steps(folder: str | os.PathLike) -> list[int]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(int(p.name) for p in folder.iterdir()
-                  if p.name.isdigit() and p.is_dir() and (p / "_CHECKPOINT_METADATA").is_file())
+    return sorted(int(p.name) for p in folder.iterdir()  # as orbax names them: "100", not "0100"
+                  if p.name.isdigit() and p.name == str(int(p.name)) and p.is_dir()
+                  and (p / "_CHECKPOINT_METADATA").is_file())
 
 
 def checkpoint_info(folder: str | os.PathLike, step: int) -> dict:
@@ -140,8 +141,8 @@ def checkpoint_info(folder: str | os.PathLike, step: int) -> dict:
         info = json.loads((where / "run" / "metadata").read_text())
     except FileNotFoundError:
         raise ValueError(f"{where}: not an rnnjax checkpoint (no run/metadata)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: damaged checkpoint (run/metadata: {e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also a 5,000-digit number
+        raise ValueError(f"{where}: damaged checkpoint (run/metadata: {str(e)[:120] or type(e).__name__})") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ValueError(f"{where}: not an rnnjax checkpoint (expected format {FORMAT!r})")
     kinds = {"seed": int, "steps": int, "run": dict, "sha256": str}

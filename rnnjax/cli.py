@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rnnjax import inputs, runs, sweep_runs, tasks
+from rnnjax import __version__, inputs, runs, sweep_runs, tasks
 from rnnjax.devices import device_mesh
 from rnnjax.recipes import RECIPES
 from rnnjax.recurrence import METHODS
@@ -273,7 +273,7 @@ def evaluate(args) -> int:
     loaded = runs.load_run(args.params, args.task)
     if args.input:
         try:
-            sequence = inputs.read_sequence(args.input, bits=args.task == "count")
+            sequence = inputs.read_sequence(args.input, bits=args.task == "count", max_values=EVAL_MAX_LENGTH)
         except ValueError as e:
             raise ValueError(f"--input {e}") from None
     else:
@@ -323,6 +323,7 @@ def _add_devices(p: argparse.ArgumentParser, what: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rnnjax", description="Bias-free ReLU RNNs in JAX: the seed tasks.")
+    parser.add_argument("--version", action="version", version=f"rnnjax {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("demo", help="train both seed networks and check them (under a minute)")

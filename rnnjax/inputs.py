@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,8 @@ def _show(text: str) -> str:
 
 
 def parse_number(text: str) -> float:
-    """Returns the float that ``text`` spells as a plain decimal number within float32's range.
+    """Returns the float that ``text`` spells as a plain decimal number that rounds to a finite
+    float32.
 
     Raises ``ValueError`` saying why not, e.g. ``'1_000' is not a number``.
 
@@ -48,21 +50,26 @@ def parse_number(text: str) -> float:
         kind = "a finite number" if text.lower().lstrip("+-") in ("nan", "inf", "infinity") else "a number"
         raise ValueError(f"{_show(text)} is not {kind}")
     value = float(text)
-    if not abs(value) <= FLOAT32_MAX:
+    if not _finite_in_float32(value):
         raise ValueError(f"{_cut(text)} is beyond float32's range (largest magnitude {FLOAT32_MAX:.4g})")
-    if abs(value) < FLOAT32_TINY and re.search(r"[1-9]", text.lower().split("e")[0]):
-        raise ValueError(f"{_cut(text)} is below float32's range (smallest normal magnitude {FLOAT32_TINY:.4g}, "
-                         "where it would be read as 0); write 0, or scale the sequence")
     return value
 
 
-def read_sequence(path: str | os.PathLike, *, bits: bool = False) -> np.ndarray:
+def _finite_in_float32(values) -> np.ndarray:
+    """True where a value rounds to a finite float32 (3.4028235e38, float32's largest as NumPy
+    prints it, does)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.isfinite(np.asarray(values, np.float64).astype(np.float32))
+
+
+def read_sequence(path: str | os.PathLike, *, bits: bool = False, max_values: int | None = None) -> np.ndarray:
     """Reads one sequence of numbers from a ``.npy``, ``.csv`` (commas) or ``.txt`` (spaces or
     tabs) file.
 
     Args:
       path: the file.
       bits: accept only 0 and 1 (the input of the running-count network).
+      max_values: refuse a file of more numbers than this (None: any number).
 
     Returns:
       A 1-D float64 array of at least one value, each finite and within float32's range.
@@ -82,7 +89,8 @@ def read_sequence(path: str | os.PathLike, *, bits: bool = False) -> np.ndarray:
     if suffix not in (".npy", ".csv", ".txt"):
         raise ValueError(f"{path}: expected a .npy, .csv or .txt file; received '{suffix or path.name}'")
     try:
-        values = _read_npy(path, bits) if suffix == ".npy" else _read_text(path, suffix, bits)
+        limit = math.inf if max_values is None else max_values
+        values = _read_npy(path, bits, limit) if suffix == ".npy" else _read_text(path, suffix, bits, limit)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -94,13 +102,17 @@ def read_sequence(path: str | os.PathLike, *, bits: bool = False) -> np.ndarray:
     return values
 
 
-def _read_text(path: Path, suffix: str, bits: bool) -> np.ndarray:
+def _too_many(path: Path, limit: float) -> ValueError:
+    return ValueError(f"{path}: holds more than {limit:,} numbers, the most one sequence may have")
+
+
+def _read_text(path: Path, suffix: str, bits: bool, limit: float) -> np.ndarray:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
-    rows = []  # per non-blank line: (line number, [values])
+    rows, count = [], 0  # per non-blank line: (line number, [values]); how many values in all
     for line_number, line in enumerate(text.split("\n"), 1):
         line = line.removesuffix("\r")
         if not line.strip(" \t"):
@@ -114,9 +126,15 @@ def _read_text(path: Path, suffix: str, bits: bool) -> np.ndarray:
                 value = parse_number(token)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+            if abs(value) < FLOAT32_TINY and re.search(r"[1-9]", token.lower().split("e")[0]):
+                raise ValueError(f"{where}: {_cut(token)} is below float32's range (smallest normal magnitude "
+                                 f"{FLOAT32_TINY:.4g}, where it would be read as 0); write 0, or scale the sequence")
             if bits and value not in (0.0, 1.0):
                 raise ValueError(f"{where}: {_cut(token)} is not 0 or 1 (the count network reads bits)")
             row.append(value)
+            count += 1
+            if count > limit:
+                raise _too_many(path, limit)
         rows.append((line_number, row))
     if len(rows) > 1:
         for line_number, row in rows:
@@ -144,7 +162,7 @@ def _fields(line: str, suffix: str):
         start += len(field) + 1
 
 
-def _read_npy(path: Path, bits: bool) -> np.ndarray:
+def _read_npy(path: Path, bits: bool, limit: float) -> np.ndarray:
     with open(path, "rb") as f:
         signature = f.read(6)
         if signature.startswith(b"PK"):
@@ -156,7 +174,9 @@ def _read_npy(path: Path, bits: bool) -> np.ndarray:
             version = np.lib.format.read_magic(f)
             read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
                 version, np.lib.format.read_array_header_2_0)  # 2.0 and 3.0 differ only in encoding
-            shape, _, dtype = read_header(f)
+            with warnings.catch_warnings():  # numpy's notes on Python 2 headers ("3L") stay off stderr
+                warnings.simplefilter("ignore")
+                shape, _, dtype = read_header(f)
         except Exception as e:  # noqa: BLE001 -- numpy parses the header with tokenize and ast, which raise many kinds
             raise ValueError(f"{path}: damaged .npy header ({_first_line(e)})") from None
         data_bytes = os.fstat(f.fileno()).st_size - f.tell()
@@ -168,27 +188,32 @@ def _read_npy(path: Path, bits: bool) -> np.ndarray:
         raise ValueError(f"{path}: expected real numbers; received dtype {dtype}")
     if sum(n > 1 for n in shape) > 1:
         raise ValueError(f"{path}: expected one sequence; received an array of shape {shape}")
+    if math.prod(shape) > limit:
+        raise _too_many(path, limit)
     needed = math.prod(shape) * dtype.itemsize
     if data_bytes < needed:
         raise ValueError(f"{path}: cut short: its header promises {needed} bytes of data; "
                          f"it holds {data_bytes}")
     try:
-        values = np.load(path, allow_pickle=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:
         raise ValueError(f"{path}: damaged .npy file ({_first_line(e)})") from None
     values = values.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
         as_float = values.astype(np.float64)
     magnitude = np.abs(as_float)
-    bad = ~(magnitude <= FLOAT32_MAX) | ((magnitude < FLOAT32_TINY) & (magnitude > 0))
+    below = (values != 0) & (magnitude < FLOAT32_TINY)  # also a long double that float64 flushes to 0
+    bad = ~_finite_in_float32(as_float) | below
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
         what = ("NaN" if np.isnan(as_float[index]) else
-                f"{values[index]} is {'beyond' if magnitude[index] > 1 else 'below'} float32's range")
+                f"{str(values[index])} is {'below' if below[index] else 'beyond'} float32's range")
         raise ValueError(f"{path}: index {index}: {what}; expected finite numbers within "
                          f"float32's range, 0 or {FLOAT32_TINY:.4g} to {FLOAT32_MAX:.4g} in magnitude "
                          f"({int(bad.sum())} such values)")
     if bits and not np.isin(as_float, (0.0, 1.0)).all():
         index = int(np.flatnonzero(~np.isin(as_float, (0.0, 1.0)))[0])
-        raise ValueError(f"{path}: index {index}: {values[index]} is not 0 or 1 (the count network reads bits)")
+        raise ValueError(f"{path}: index {index}: {str(values[index])} is not 0 or 1 (the count network reads bits)")
     return as_float

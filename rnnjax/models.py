@@ -27,17 +27,25 @@ def _scalar_sequences(xs) -> jax.Array:
     )
 
 
-def _check_weights(module: nn.Module, *names: str) -> None:
-    """Refuses variables that lack ``module``'s weights ``names``, naming what they hold."""
+def _check_weights(module: nn.Module, expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuses variables whose weights are not ``expected`` (path -> shape) or not floating point,
+    quoting both; flax's own errors name one scope at a time, or the wrong one."""
     if module.is_initializing():
         return
-    held = sorted(module.variables.get("params", {}))
-    missing = [name for name in names if name not in held]
-    if missing:
-        model = type(module).__name__
-        raise ValueError(f"{model}: the variables hold no weights {missing}; expected the variables "
-                         f"{model}().init returns, {{'params': {{{', '.join(f'{n!r}: ...' for n in names)}}}}}; "
-                         f"received params with keys {held}.")
+    flat = jax.tree_util.tree_flatten_with_path(module.variables.get("params", {}))[0]
+    weights = {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
+    received = {name: tuple(jnp.shape(w)) for name, w in sorted(weights.items())}
+    model = type(module).__name__
+    if received != expected:
+        raise ValueError(f"{model}: the variables must hold the weights {model}().init makes, {{'params': ...}} "
+                         f"with {expected}; received {received}.")
+    for name, w in weights.items():
+        if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+            raise TypeError(f"{model}: weights must be floating point; received {jnp.result_type(w)} for "
+                            f"{name}. Cast them with jax.tree.map(lambda w: w.astype(jnp.float32), variables).")
+
+
+_CELL = {"cell/W_hh": (1, 1), "cell/W_ih": (1, 1)}
 
 
 def _scalar_cell_rnn(module: nn.Module, xs: jax.Array, lengths, method: Method):
@@ -82,7 +90,7 @@ class L1Norm(nn.Module):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
-        _check_weights(self, "cell")
+        _check_weights(self, _CELL)
         xs = _scalar_sequences(xs)
         magnitudes = jnp.where(xs < 0, -xs, xs)
         final_state, _ = _scalar_cell_rnn(self, magnitudes, lengths, self.method)
@@ -117,7 +125,7 @@ class RunningCount(nn.Module):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
-        _check_weights(self, "cell")
+        _check_weights(self, _CELL)
         _, states = _scalar_cell_rnn(self, _scalar_sequences(xs), lengths, self.method)
         return states[..., 0]
 
@@ -159,7 +167,7 @@ class L1NormLearned(nn.Module):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
-        _check_weights(self, "dense", "cell")
+        _check_weights(self, {"cell/W_hh": (1, 1), "cell/W_ih": (2, 1), "dense/kernel": (1, 2)})
         xs = _scalar_sequences(xs)
         if lengths is not None:  # the dense layer sees no padding, so nothing depends on it (NaN included)
             lengths = check_lengths(lengths, *xs.shape[:2])

@@ -176,12 +176,12 @@ def _initial_state(cell, params, xs, initial_state):
 
 
 def _check_cell_and_params(cell: Any, params: Any, xs: jax.Array) -> None:
-    """Refuses, quoting what was expected and received, a cell that is not a flax module, and
+    """Refuses, quoting what was expected and received, a cell that is not a flax cell, and
     params that are not that cell's variables for inputs shaped like ``xs``: the "params"
     collection with the weights' names and shapes ``cell.init`` gives, of floating dtypes."""
-    if not isinstance(cell, nn.Module):
-        raise TypeError(f"cell must be a flax module such as ReLUCell(features=1); received "
-                        f"{type(cell).__name__}.")
+    if not isinstance(cell, nn.Module) or not callable(getattr(cell, "initialize_carry", None)):
+        raise TypeError(f"cell must be a flax recurrent cell (a module with initialize_carry), such as "
+                        f"ReLUCell(features=1) or nn.LSTMCell; received {type(cell).__name__}.")
     if not isinstance(params, Mapping) or not isinstance(params.get("params"), Mapping):
         received = (f"a dict with keys {sorted(map(str, params))}" if isinstance(params, Mapping)
                     else type(params).__name__)

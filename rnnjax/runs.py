@@ -88,8 +88,9 @@ class LoadedRun(NamedTuple):
 
 
 def write_atomically(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Writes ``path`` through a temporary file in the same folder, then renames it into place,
-    so no reader ever sees half a file; the file gets the usual permissions (0666 less umask)."""
+    """Writes ``path`` through a temporary file in the same folder, synced to disk, then renames it
+    into place, so no reader ever sees half a file; the file gets the usual permissions (0666
+    less umask)."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:  # named by the file meant, not the temporary one
@@ -97,6 +98,8 @@ def write_atomically(path: Path, write: Callable[[Any], None], mode: str = "wb")
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash leaves the old file or the new
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -227,7 +230,7 @@ def _check_run_info(run: dict, where: Path) -> None:
     accepts, so nothing is built from a damaged one."""
     settings = run.get("settings")
     expected = set(task_settings("l1")) | {"checkpoint_every"}
-    if (run.get("task") not in TASKS or not isinstance(settings, dict) or set(settings) != expected
+    if (not isinstance(run.get("task"), str) or run["task"] not in TASKS or not isinstance(settings, dict) or set(settings) != expected
             or not _is_int(run.get("first_seed"), 0, SEED_LIMIT - 1) or not isinstance(run.get("dead_seeds"), list)
             or not isinstance(run.get("resumed_at"), list)):
         raise ValueError(f"{where}: not a checkpoint of an rnnjax run (its run record is not one "
@@ -236,8 +239,8 @@ def _check_run_info(run: dict, where: Path) -> None:
     valid = {
         "recipe": recipe is not None,
         "b2": recipe is not None and settings["b2"] == recipe.b2,
-        "lr": _is_number(settings["lr"]) and 0 < settings["lr"] < math.inf,
-        "tol": _is_number(settings["tol"]) and 0 < settings["tol"] < 1,
+        "lr": _is_float(settings["lr"]) and settings["lr"] > 0,
+        "tol": _is_float(settings["tol"]) and 0 < settings["tol"] < 1,
         **{name: _is_int(settings[name], 1, 2**31 - 1) for name in ("steps", "batch_size", "length", "checkpoint_every")},
         **{name: _is_int(settings[name], 0, 2**31 - 1) for name in ("skip_nonfinite", "dead_steps")},
     }
@@ -252,8 +255,9 @@ def _is_int(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_float(value: Any) -> bool:
+    """A finite float, as ``train_run`` records lr and tol (JSON gives any integer as an int)."""
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _training_settings(settings: dict) -> dict:
@@ -401,9 +405,12 @@ def _read_metrics(run_folder: Path) -> dict | None:
     """Returns the run's ``metrics.json`` (None when it has none or it cannot be read)."""
     try:
         metrics = json.loads((run_folder / METRICS).read_text(), parse_constant=_refuse_constant)
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
-    return metrics if isinstance(metrics, dict) else None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("stop_reason"), str) or not (
+            isinstance(metrics.get("steps"), int) and not isinstance(metrics["steps"], bool)):
+        return None  # not one train_run wrote: as if the run had not ended
+    return metrics
 
 
 def _refuse_constant(name: str):

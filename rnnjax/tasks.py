@@ -103,9 +103,9 @@ def task_settings(
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}; received {task!r}")
     spec, chosen = TASKS[task], _recipe(recipe)
-    return {"recipe": chosen.name, "steps": steps or chosen.steps, "lr": lr or chosen.lr, "b2": chosen.b2,
+    return {"recipe": chosen.name, "steps": steps or chosen.steps, "lr": float(lr or chosen.lr), "b2": chosen.b2,
             "batch_size": batch_size or chosen.batch_size, "length": length or spec.length,
-            "tol": tol, "skip_nonfinite": skip_nonfinite, "dead_steps": dead_steps}
+            "tol": float(tol), "skip_nonfinite": skip_nonfinite, "dead_steps": dead_steps}
 
 
 def _recipe(recipe: str | Recipe | None) -> Recipe:

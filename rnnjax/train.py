@@ -352,9 +352,19 @@ def fit(
         return FitResult(state, start.initial_params, int(state.step), stop_reason,
                          {"step": np.arange(1, len(history["loss"]) + 1, dtype=dtypes["step"]), **history})
 
+    def stop_rule(row, dead_run):
+        if near(row):
+            return "weights"
+        if row["loss"] <= loss_tol:
+            return "loss"
+        return "dead" if dead_run >= dead_steps else None
+
     state = head = program.place(start.state)  # the last state taken, and the last one dispatched
-    steps, pending, stop_reason = start.steps, [], None
+    steps, pending = start.steps, []
     dead_run = _trailing_dead_steps(start.history)
+    # A start whose last step already met a stop rule (a run killed after its final checkpoint)
+    # stops there, as the uninterrupted fit did.
+    stop_reason = stop_rule({k: v[-1] for k, v in start.history.items()}, dead_run) if steps else None
     with tqdm(total=max_steps, initial=steps, disable=not progress, unit="step") as bar:
         while stop_reason is None:
             dispatched = steps + len(pending)
@@ -373,12 +383,7 @@ def fit(
                 for k, v in row.items():
                     columns[k].append(v)
                 dead_run = dead_run + 1 if row["grad_norm"] == 0 and row["loss"] > 0 else 0
-                if near(row):
-                    stop_reason = "weights"
-                elif row["loss"] <= loss_tol:
-                    stop_reason = "loss"
-                elif dead_run >= dead_steps:
-                    stop_reason = "dead"
+                stop_reason = stop_rule(row, dead_run)
                 if stop_reason:
                     break
                 if on_checkpoint is not None and checkpoint_every and steps % checkpoint_every == 0:

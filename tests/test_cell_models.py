@@ -124,17 +124,22 @@ def test_outputs_and_gradients_do_not_depend_on_the_padding(model, method):
         chex.assert_trees_all_equal(result, results[0])
 
 
-@pytest.mark.parametrize("model, weights", [(L1Norm, ["cell"]), (L1NormLearned, ["dense", "cell"]),
-                                            (RunningCount, ["cell"])])
-def test_variables_without_the_models_weights_are_refused_naming_them(model, weights):
+@pytest.mark.parametrize("model", [L1Norm, L1NormLearned, RunningCount])
+def test_variables_without_the_models_weights_are_refused_quoting_both(model):
     xs = jnp.ones((2, 5))
     variables = model().init(jax.random.key(0), xs)
-    expected = ", ".join(f"{name!r}: ..." for name in weights)
-    cases = [({"params": {}}, weights, []), ({}, weights, [])]
-    if len(weights) > 1:
-        cases.append(({"params": {"cell": variables["params"]["cell"]}}, weights[:-1], ["cell"]))
-    for given, missing, held in cases:
-        message = (f"{model.__name__}: the variables hold no weights {missing}; expected the variables "
-                   f"{model.__name__}().init returns, {{'params': {{{expected}}}}}; received params with keys {held}.")
+    shapes = {f"cell/{k}": tuple(v.shape) for k, v in sorted(variables["params"]["cell"].items())}
+    if model is L1NormLearned:
+        shapes["dense/kernel"] = (1, 2)
+    cell = variables["params"]["cell"]
+    wrong = [({"params": {}}, {}), ({}, {}), ({"params": {"cell": {"W_ih": cell["W_ih"]}}},
+                                             {"cell/W_ih": tuple(cell["W_ih"].shape)}),
+             ({"params": {**variables["params"], "cell": {**cell, "W_hh": jnp.ones((2, 2))}}},
+              {**shapes, "cell/W_hh": (2, 2)})]
+    for given, received in wrong:
+        message = (f"{model.__name__}: the variables must hold the weights {model.__name__}().init makes, "
+                   f"{{'params': ...}} with {shapes}; received {dict(sorted(received.items()))}.")
         with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
             model().apply(given, xs)
+    with pytest.raises(TypeError, match=rf"^{model.__name__}: weights must be floating point; received int32 for cell/W_hh"):
+        model().apply(jax.tree.map(lambda w: w.astype(jnp.int32), variables), xs)

@@ -35,7 +35,11 @@ def final_state(out, task="count"):
 
 
 def assert_same_run(out, reference):
-    one, two = final_state(out), final_state(reference)
+    assert_same_run_of(out, reference, "count")
+
+
+def assert_same_run_of(out, reference, task):
+    one, two = final_state(out, task), final_state(reference, task)
     assert one.steps == two.steps
     chex.assert_trees_all_equal(one.state, two.state)  # parameters and optimizer state, bitwise
     chex.assert_trees_all_equal(one.history, two.history)
@@ -450,3 +454,38 @@ def test_a_checkpoint_with_settings_no_run_writes_is_refused_naming_it(l1_run, t
                  ["train", "l1", "--out", str(damaged), "--resume", "--steps", "5000"]):
         assert main(argv) == 2
         one_error_line(capsys.readouterr(), rf"^rnnjax: error: {re.escape(str(last))}: .*{match}")
+
+
+def test_a_run_killed_after_its_final_checkpoint_resumes_to_its_end_without_a_step_more(l1_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(l1_run, out)
+    (out / "metrics.json").unlink()  # killed between the final checkpoint and metrics.json
+    last = checkpoint_steps(out / "checkpoints")[-1]
+    assert main(["train", "l1", "--out", str(out), "--resume"]) == 0
+    assert checkpoint_steps(out / "checkpoints")[-1] == last
+    metrics = strict_json(out / "metrics.json")
+    assert (metrics["steps"], metrics["stop_reason"]) == (last, "weights")
+    assert_same_run_of(out, l1_run, "l1")
+
+
+def test_a_tolerance_below_float32s_range_is_taken_by_train_and_sweep(tmp_path, capsys):
+    """--tol 1e-50 is in (0, 1): it asks for the weights to be exactly 1.0."""
+    assert main(["train", "l1", "--tol", "1e-50"]) == 0
+    assert "W_ih = 1, W_hh = 1" in capsys.readouterr().out
+    assert main(["sweep", "l1", "--seeds", "2", "--steps", "600", "--tol", "1e-50"]) == 0
+    assert "converged 2 (100.0%): every watched number within 1e-50 of 1" in capsys.readouterr().out
+
+
+def test_version_and_an_input_longer_than_eval_takes(l1_run, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and re.fullmatch(r"rnnjax \d+\.\d+\.\d+\n", capsys.readouterr().out)
+    import rnnjax.cli
+
+    monkeypatch.setattr(rnnjax.cli, "EVAL_MAX_LENGTH", 3)
+    for name, content in (("x.csv", "1,2,3,4"), ("x.npy", None)):
+        path = tmp_path / name
+        np.save(path, np.ones(4)) if content is None else path.write_text(content)
+        assert main(["eval", "l1", "--params", str(l1_run), "--input", str(path)]) == 2
+        one_error_line(capsys.readouterr(), rf"--input {re.escape(str(path))}: holds more than 3 numbers, the most "
+                                            r"one sequence may have$")

@@ -1,6 +1,7 @@
 """Reading input sequences: every value checked, every refusal one line naming the place."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ def write(tmp_path, name, content):
     ("column.txt", "\n3\n\n-5\n7\n-2\n\n", [3, -5, 7, -2]),
     ("forms.txt", "+1 1. .5 -2.5e-3 1E+2 0", [1, 1, 0.5, -2.5e-3, 100, 0]),
     ("zeros.txt", "0e-400 -0.000 1.2e-38", [0, 0, 1.2e-38]),
+    ("printed.txt", "3.4028235e38", [3.4028235e38]),  # float32's largest as NumPy prints it
     ("largest.txt", f"{FLOAT32_MAX!r} -3.4e38", [FLOAT32_MAX, -3.4e38]),
 ])
 def test_text_files_that_hold_one_sequence_are_read(tmp_path, name, content, expected):
@@ -100,6 +102,7 @@ def test_bad_npy_files_are_refused_in_our_own_words(tmp_path):
                                         r"numbers within float32's range, 0 or 1.175e-38 to 3.403e\+38 in "
                                         r"magnitude \(2 such values\)$"),
         (np.array([0.0, -1e-40, 1e-39, 1.0]), r"x.npy: index 1: -1e-40 is below float32's range; .*\(2 such values\)$"),
+        (np.array([1.0, np.longdouble("1e-4000")]), r"x.npy: index 1: 1e-4000 is below float32's range"),
         (np.array([0.0, np.nan]), r"index 1: NaN"),
         (np.array([1 + 2j]), r"expected real numbers; received dtype complex128$"),
         (np.array(["a"]), r"expected real numbers; received dtype <U1$"),
@@ -134,6 +137,15 @@ def test_bad_npy_files_are_refused_in_our_own_words(tmp_path):
         np.savez(f, a=np.ones(3))
     with pytest.raises(ValueError, match=r"holds an .npz archive; expected one array \(np.save\)$"):
         read_sequence(tmp_path / "a.npy")
+
+
+def test_a_python_2_header_is_read_without_a_warning(tmp_path):
+    path = write(tmp_path, "old.npy", _header("{'descr': '<f8', 'fortran_order': False, 'shape': (2L,), }")[:-16]
+                 + np.array([3.0, -5.0]).tobytes())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(read_sequence(path), [3.0, -5.0])
+    assert not caught, [str(w.message) for w in caught]
 
 
 def _header(text):
@@ -172,7 +184,7 @@ def check_read(path, bits):
         assert message.startswith(f"{path}: ") and "\n" not in message and "\r" not in message, message
         return None
     assert values.ndim == 1 and values.size > 0 and values.dtype == np.float64
-    assert np.all((np.abs(values) <= FLOAT32_MAX) & ((np.abs(values) >= FLOAT32_TINY) | (values == 0)))
+    assert np.all(np.isfinite(values.astype(np.float32)) & ((np.abs(values) >= FLOAT32_TINY) | (values == 0)))
     if bits:
         assert set(values) <= {0.0, 1.0}
     return values

@@ -732,7 +732,9 @@ def test_params_for_another_input_size_are_a_value_error_naming_both_shapes():
 
 
 @pytest.mark.parametrize("cell, params, error, message", [
-    ("relu", None, TypeError, r"cell must be a flax module such as ReLUCell\(features=1\); received str\.$"),
+    ("relu", None, TypeError, r"cell must be a flax recurrent cell \(a module with initialize_carry\), such as "
+                              r"ReLUCell\(features=1\) or nn.LSTMCell; received str\.$"),
+    (nn.Dense(1), None, TypeError, r"cell must be a flax recurrent cell .*; received Dense\.$"),
     (None, lambda p: {}, TypeError, r"params must be the cell's variables as cell.init returns them, "
                                     r"\{'params': \{\.\.\.\}\}; received a dict with keys \[\]"),
     (None, lambda p: p["params"], TypeError, r"received a dict with keys \['W_hh', 'W_ih'\]\. Weights alone go in "

@@ -196,6 +196,9 @@ def test_a_fit_continued_from_a_snapshot_ends_bitwise_as_the_uninterrupted_one()
     stopped = fit(RunningCount(), ADAM, draw_count, interrupt=lambda: next(polls) >= 30, **kwargs)
     assert stopped.stop_reason == "interrupted" and stopped.steps == 30
     assert_same_fit(fit(RunningCount(), ADAM, draw_count, start=stopped, **kwargs), whole)
+    # a start that had already converged (a run killed after its final checkpoint) stops there
+    assert_same_fit(fit(RunningCount(), ADAM, draw_count, start=whole._replace(stop_reason="running"), **kwargs),
+                    whole)
 
 
 def test_stop_rules_do_not_depend_on_how_often_the_host_syncs():
