@@ -25,11 +25,20 @@ import numpy as np
 
 from rnnjax.train import SEED_LIMIT, FitResult, seed_keys
 
-__all__ = ["FORMAT", "save_checkpoint", "checkpoint_steps", "checkpoint_info", "restore_checkpoint",
+__all__ = ["FORMAT", "loads_strict_json", "save_checkpoint", "checkpoint_steps", "checkpoint_info", "restore_checkpoint",
            "delete_checkpoints"]
 
 FORMAT = "rnnjax.checkpoint/1"
 _FOREIGN = "its arrays do not fit this network and optimizer (a checkpoint of another model or settings)"
+
+
+def loads_strict_json(text: str) -> Any:
+    """``json.loads`` that refuses NaN and Infinity (which Python's json writes and reads, but no
+    strict JSON reader does) with a ``ValueError``."""
+    def refuse(name: str):
+        raise ValueError(f"{name} is not strict JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def _manager(folder: Path, *, keep: int | None = None, create: bool = False):
@@ -138,7 +147,7 @@ def checkpoint_info(folder: str | os.PathLike, step: int) -> dict:
     """
     where = Path(folder) / str(step)
     try:
-        info = json.loads((where / "run" / "metadata").read_text())
+        info = loads_strict_json((where / "run" / "metadata").read_text())
     except FileNotFoundError:
         raise ValueError(f"{where}: not an rnnjax checkpoint (no run/metadata)") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also a 5,000-digit number

@@ -57,23 +57,25 @@ _seed = _integer(0, SEED_LIMIT - 1, "a seed in [0, 2**31)")
 _length = _integer(1, EVAL_MAX_LENGTH, f"a length from 1 to {EVAL_MAX_LENGTH:,}")
 
 
-def _number(below: float, what: str):
-    """A parser of numbers in ``(0, below)``, as ``_integer`` is of integers."""
+def _number(accept, what: str):
+    """A parser of numbers for which ``accept(value)`` holds, as ``_integer`` is of integers."""
     def parse(text: str) -> float:
         try:
             value = inputs.parse_number(text)
         except ValueError:
             value = None
-        if value is None or not 0 < value < below:
+        if value is None or not accept(value):
             raise argparse.ArgumentTypeError(f"expected {what}; received {_quote(text)}")
         return value
 
     return parse
 
 
-_positive_float = _number(float("inf"), "a positive finite number")
+# A learning rate is used in float32: below its smallest normal number it is 0, and nothing moves.
+_learning_rate = _number(lambda lr: runs.LR_RANGE[0] <= lr <= runs.LR_RANGE[1],
+                         f"a learning rate from {runs.LR_RANGE[0]:.4g} to {runs.LR_RANGE[1]:.4g} (float32's range)")
 # A distance to the target weight 1: a weight of 0 is never within.
-_tolerance = _number(1, "a tolerance in (0, 1)")
+_tolerance = _number(lambda tol: 0 < tol < 1, "a tolerance in (0, 1)")
 
 
 def _all_dead(first_seed: int, count: int) -> str:
@@ -254,7 +256,8 @@ def train(args) -> int:
     failure = {
         "dead": _all_dead(run.first_seed, len(run.dead_seeds) + 1),
         "diverged": f"the run diverged at step {result.steps + 1} (a non-finite loss, gradient or weight); "
-                    f"its last finite state, after step {result.steps}, is {where}; try a lower --lr "
+                    f"its last finite state, after step {result.steps}, is "
+                    f"{where if args.out else 'not saved (no --out)'}; try a lower --lr "
                     f"or {'a larger ' if run.settings['skip_nonfinite'] else ''}--skip-nonfinite",
         "budget": f"not converged within {result.steps} steps ({where}); "
                   + (f"continue with: rnnjax train {args.task} --out {args.out} --resume --steps N"
@@ -335,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=sorted(tasks.TASKS))
     _add_recipe(p)
     p.add_argument("--steps", type=_positive_int, help="step budget (default: the recipe's, 3000)")
-    p.add_argument("--lr", type=_positive_float, help="Adam's (peak) learning rate (default: the recipe's, 0.1)")
+    p.add_argument("--lr", type=_learning_rate, help="Adam's (peak) learning rate (default: the recipe's, 0.1)")
     p.add_argument("--batch-size", type=_positive_int, help="sequences in the batch (default 8)")
     p.add_argument("--max-length", type=_positive_int,
                    help="longest sequence (l1, default 10) or every sequence's length (count, default 5)")
@@ -377,7 +380,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--first-seed", type=_seed, default=0, help="the first seed (default 0)")
     _add_recipe(p)
     p.add_argument("--steps", type=_positive_int, help="steps for every seed (default: the recipe's, 3000)")
-    p.add_argument("--lr", type=_positive_float, help="Adam's (peak) learning rate (default: the recipe's, 0.1)")
+    p.add_argument("--lr", type=_learning_rate, help="Adam's (peak) learning rate (default: the recipe's, 0.1)")
     p.add_argument("--tol", type=_tolerance, default=1e-3,
                    help="a seed converged once W_ih and W_hh (l1-learned: its slopes and W_hh) are "
                         "within TOL of 1 (default 1e-3)")

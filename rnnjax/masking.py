@@ -44,6 +44,10 @@ def check_lengths(lengths: Any, batch: int, time: int, sequences: str = "xs") ->
     """
     if not isinstance(lengths, jax.core.Tracer):  # under jit the values are unknown
         lengths = np.asarray(lengths)  # keeps int64 and uint types, so the range check sees them
+        if lengths.dtype == object and all(type(n) is int for n in lengths.flat):  # beyond 64 bits
+            lengths = np.asarray(lengths, np.float64)  # its range is what is wrong, not its type
+            raise ValueError(f"lengths must lie in [0, {time}] (the time axis of {sequences}); "
+                             f"received values from {lengths.min():.4g} to {lengths.max():.4g}.")
     if lengths.shape != (batch,):
         raise ValueError(
             f"lengths must have shape (batch,) = ({batch},) to match {sequences}; "

@@ -3,6 +3,8 @@ counts of a binary sequence."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,10 +34,14 @@ def _check_weights(module: nn.Module, expected: dict[str, tuple[int, ...]]) -> N
     quoting both; flax's own errors name one scope at a time, or the wrong one."""
     if module.is_initializing():
         return
+    model = type(module).__name__
+    if module.variables and "params" not in module.variables:
+        raise ValueError(f"{model}: the variables must be {{'params': weights}}, as {model}().init returns them; "
+                         f"received a dict with keys {sorted(module.variables)}. Weights alone go in as "
+                         "{'params': weights}.")
     flat = jax.tree_util.tree_flatten_with_path(module.variables.get("params", {}))[0]
     weights = {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
     received = {name: tuple(jnp.shape(w)) for name, w in sorted(weights.items())}
-    model = type(module).__name__
     if received != expected:
         raise ValueError(f"{model}: the variables must hold the weights {model}().init makes, {{'params': ...}} "
                          f"with {expected}; received {received}.")
@@ -46,6 +52,17 @@ def _check_weights(module: nn.Module, expected: dict[str, tuple[int, ...]]) -> N
 
 
 _CELL = {"cell/W_hh": (1, 1), "cell/W_ih": (1, 1)}
+
+
+class _Model(nn.Module):
+    """A seed network: ``apply`` refuses variables that are not a dict before flax reads them."""
+
+    def apply(self, variables, *args, **kwargs):
+        if not isinstance(variables, Mapping):
+            model = type(self).__name__
+            raise TypeError(f"{model}.apply: variables must be a dict, {{'params': weights}}, as {model}().init "
+                            f"returns them; received {type(variables).__name__}.")
+        return super().apply(variables, *args, **kwargs)
 
 
 def _scalar_cell_rnn(module: nn.Module, xs: jax.Array, lengths, method: Method):
@@ -59,7 +76,7 @@ def _scalar_cell_rnn(module: nn.Module, xs: jax.Array, lengths, method: Method):
     return rnn(cell, {"params": weights}, xs, lengths, method=method)
 
 
-class L1Norm(nn.Module):
+class L1Norm(_Model):
     """Seed 000's network: the L1 norm of each sequence, from a bias-free ``ReLUCell(1)``.
 
     The input is made non-negative by negation where ``x < 0`` (no ``abs``, no norm); the
@@ -97,7 +114,7 @@ class L1Norm(nn.Module):
         return final_state[:, 0]
 
 
-class RunningCount(nn.Module):
+class RunningCount(_Model):
     """Seed 003's network: a ``ReLUCell(1)`` on the raw inputs with an output at every step.
 
     On binary sequences, ``W_ih = W_hh = 1`` makes the output at step t the number of ones so
@@ -130,7 +147,7 @@ class RunningCount(nn.Module):
         return states[..., 0]
 
 
-class L1NormLearned(nn.Module):
+class L1NormLearned(_Model):
     """The L1 norm with ``|x|`` learned too: a bias-free dense layer from ``x`` to 2 units, a
     ReLU, then a bias-free ``ReLUCell(1)`` on those 2 inputs; the output is the final state.
 

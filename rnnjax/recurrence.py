@@ -8,6 +8,7 @@ from typing import Any, Literal, get_args
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rnnjax.cell import PRECISION, ReLUCell
 from rnnjax.masking import check_lengths, length_mask
@@ -32,7 +33,14 @@ AUTO_PARALLEL_FROM = 256
 
 def check_sequences(xs: Any, name: str = "xs") -> jax.Array:
     """Returns ``xs`` as an array after checking that it is floating point with no empty axis."""
-    xs = jnp.asarray(xs) if not isinstance(xs, jax.Array) else xs
+    if not isinstance(xs, jax.Array):
+        received = type(xs).__name__
+        try:
+            xs = np.asarray(xs)  # NumPy first: JAX warns about, or refuses in its own words, what is no array
+        except ValueError:  # a ragged list
+            raise TypeError(f"{name} must be a floating-point array; received a ragged {received}.") from None
+        if xs.dtype.kind in "OSUV":
+            raise TypeError(f"{name} must be a floating-point array; received {received} of dtype {xs.dtype}.")
     if not jnp.issubdtype(xs.dtype, jnp.floating):
         raise TypeError(
             f"{name} must be a floating-point array; received dtype {xs.dtype}. "
@@ -42,7 +50,7 @@ def check_sequences(xs: Any, name: str = "xs") -> jax.Array:
         raise ValueError(
             f"{name} must hold at least one sequence and one time step; received shape {xs.shape}."
         )
-    return xs
+    return jnp.asarray(xs)
 
 
 def _parallel_refusal(cell: nn.Module) -> str | None:
@@ -156,6 +164,10 @@ def _initial_state(cell, params, xs, initial_state):
     expected = jax.eval_shape(lambda key: cell.initialize_carry(key, step_shape), jax.random.key(0))
     if initial_state is None:
         initial_state = cell.initialize_carry(jax.random.key(0), xs[:, 0].shape)
+    leaves = jax.tree.leaves(initial_state)
+    if not leaves or not all(isinstance(leaf, jax.Array) or np.asarray(leaf).dtype.kind in "biuf" for leaf in leaves):
+        raise TypeError(f"initial_state must be an array, or a pytree of arrays like the cell's carry; received "
+                        f"{type(initial_state).__name__}.")
     initial_state = jax.tree.map(jnp.asarray, initial_state)
     received = jax.tree.map(lambda leaf: leaf.shape, initial_state)
     shapes = jax.tree.map(lambda leaf: leaf.shape, expected)

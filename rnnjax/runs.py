@@ -24,21 +24,23 @@ import numpy as np
 
 import rnnjax
 from rnnjax.cell import ReLUCell
-from rnnjax.checkpoints import (checkpoint_info, checkpoint_steps, delete_checkpoints, restore_checkpoint,
-                                save_checkpoint)
+from rnnjax.checkpoints import (checkpoint_info, checkpoint_steps, delete_checkpoints, loads_strict_json,
+                                restore_checkpoint, save_checkpoint)
 from rnnjax.recipes import RECIPES
 from rnnjax.recurrence import resolve_method
-from rnnjax.tasks import (DEAD_SEED_TRIES, MAX_STEP_NUMBERS, TASKS, network_params, task_settings, task_start,
-                          train_until_live, watched)
+from rnnjax.tasks import (COUNT_MAX_LENGTH, DEAD_SEED_TRIES, MAX_STEP_NUMBERS, TASKS, network_params,
+                          task_settings, task_start, train_until_live, watched)
 from rnnjax.tasks import converged as task_converged
 from rnnjax.train import CONVERGED, SEED_LIMIT, STOP_REASONS, FitResult, weights_by_path
 
-__all__ = ["CHECKPOINTS", "METRICS", "PLOT", "CHECKPOINT_EVERY", "Run", "LoadedRun", "write_atomically",
+__all__ = ["CHECKPOINTS", "METRICS", "PLOT", "CHECKPOINT_EVERY", "LR_RANGE", "Run", "LoadedRun", "write_atomically",
            "prepare_run_folder", "writable_folder", "train_run", "load_run"]
 
 CHECKPOINTS, METRICS, PLOT = "checkpoints", "metrics.json", "training.png"
 CHECKPOINT_EVERY = 1000  # steps; a save takes 50-300 ms on a 2-core CPU, 1000 steps about 0.4 s
 _FLAGS = {"length": "--max-length"}  # settings whose command-line flag has another name
+# The learning rates a run takes: float32's normal range (below it a rate is 0, and nothing moves).
+LR_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
 # Settings a resumed run may change: they alter neither the steps already taken nor the next ones.
 RESUMABLE = ("steps", "checkpoint_every")
 
@@ -230,23 +232,29 @@ def _check_run_info(run: dict, where: Path) -> None:
     accepts, so nothing is built from a damaged one."""
     settings = run.get("settings")
     expected = set(task_settings("l1")) | {"checkpoint_every"}
-    if (not isinstance(run.get("task"), str) or run["task"] not in TASKS or not isinstance(settings, dict) or set(settings) != expected
-            or not _is_int(run.get("first_seed"), 0, SEED_LIMIT - 1) or not isinstance(run.get("dead_seeds"), list)
-            or not isinstance(run.get("resumed_at"), list)):
+    dead_seeds, resumed_at = run.get("dead_seeds"), run.get("resumed_at")
+    if (not isinstance(run.get("task"), str) or run["task"] not in TASKS or not isinstance(settings, dict)
+            or set(settings) != expected or not _is_int(run.get("first_seed"), 0, SEED_LIMIT - 1)
+            or not isinstance(dead_seeds, list) or len(dead_seeds) >= DEAD_SEED_TRIES
+            or not all(_is_int(seed, 0, SEED_LIMIT - 1) for seed in dead_seeds)
+            or not isinstance(resumed_at, list) or not all(_is_int(step, 0, 2**31 - 1) for step in resumed_at)):
         raise ValueError(f"{where}: not a checkpoint of an rnnjax run (its run record is not one "
                          "'rnnjax train' writes)")
     recipe = RECIPES.get(settings["recipe"]) if isinstance(settings["recipe"], str) else None
     valid = {
         "recipe": recipe is not None,
         "b2": recipe is not None and settings["b2"] == recipe.b2,
-        "lr": _is_float(settings["lr"]) and settings["lr"] > 0,
+        "lr": _is_float(settings["lr"]) and LR_RANGE[0] <= settings["lr"] <= LR_RANGE[1],
         "tol": _is_float(settings["tol"]) and 0 < settings["tol"] < 1,
-        **{name: _is_int(settings[name], 1, 2**31 - 1) for name in ("steps", "batch_size", "length", "checkpoint_every")},
-        **{name: _is_int(settings[name], 0, 2**31 - 1) for name in ("skip_nonfinite", "dead_steps")},
+        **{name: _is_int(settings[name], 1, 2**31 - 1)
+           for name in ("steps", "batch_size", "length", "checkpoint_every", "dead_steps")},
+        "skip_nonfinite": _is_int(settings["skip_nonfinite"], 0, 2**31 - 1),
     }
     bad = [name for name, ok in valid.items() if not ok]
     if not bad and settings["batch_size"] * settings["length"] > MAX_STEP_NUMBERS:
         bad = ["batch_size x length"]
+    if not bad and run["task"] == "count" and settings["length"] > COUNT_MAX_LENGTH:
+        bad = ["length"]
     if bad:
         raise ValueError(f"{where}: damaged checkpoint (run/metadata: settings out of range: {', '.join(bad)})")
 
@@ -404,17 +412,13 @@ def _run_metrics(run: Run) -> dict:
 def _read_metrics(run_folder: Path) -> dict | None:
     """Returns the run's ``metrics.json`` (None when it has none or it cannot be read)."""
     try:
-        metrics = json.loads((run_folder / METRICS).read_text(), parse_constant=_refuse_constant)
+        metrics = loads_strict_json((run_folder / METRICS).read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(metrics, dict) or not isinstance(metrics.get("stop_reason"), str) or not (
             isinstance(metrics.get("steps"), int) and not isinstance(metrics["steps"], bool)):
         return None  # not one train_run wrote: as if the run had not ended
     return metrics
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not strict JSON")
 
 
 def load_run(path: str | os.PathLike, task: str) -> LoadedRun:

@@ -313,9 +313,11 @@ def l1_check(params: Any, sequence: np.ndarray, method: Method = "auto", *,
     network of ``task`` ("l1" or "l1-learned") with weights ``params``; ``exact`` is the float64
     sum of ``|x|``. Raises ``ValueError`` when that is beyond float32's range."""
     exact = float(np.abs(np.asarray(sequence, np.float64)).sum())
-    if not exact <= _FLOAT32_MAX:
-        raise ValueError(f"the L1 norm of this sequence, {exact:.4g}, is beyond float32's range "
-                         f"({_FLOAT32_MAX:.4g}), where the network computes")
+    with np.errstate(over="ignore"):
+        representable = np.isfinite(np.float32(exact))  # rounds to a finite float32 (3.4028235e38 does)
+    if not representable:
+        raise ValueError(f"the L1 norm of this sequence, {exact:.9g}, is beyond float32's range "
+                         f"(largest {_FLOAT32_MAX:.9g}), where the network computes")
     model = TASKS[task].model(method=method)
     predicted = float(_apply(model)(params, jnp.asarray(sequence, jnp.float32)[None])[0])
     return predicted, exact, abs(predicted - exact) / max(exact, np.finfo(np.float64).tiny)

@@ -143,3 +143,13 @@ def test_variables_without_the_models_weights_are_refused_quoting_both(model):
             model().apply(given, xs)
     with pytest.raises(TypeError, match=rf"^{model.__name__}: weights must be floating point; received int32 for cell/W_hh"):
         model().apply(jax.tree.map(lambda w: w.astype(jnp.int32), variables), xs)
+    with pytest.raises(ValueError, match=rf"^{model.__name__}: the variables must be \{{'params': weights\}}, as "
+                                         rf"{model.__name__}\(\)\.init returns them; received a dict with keys "
+                                         rf"\[{', '.join(repr(k) for k in sorted(variables['params']))}\]\. Weights "
+                                         r"alone go in as \{'params': weights\}\."):
+        model().apply(variables["params"], xs)
+    for given in (None, [1.0]):
+        with pytest.raises(TypeError, match=rf"^{model.__name__}\.apply: variables must be a dict, \{{'params': "
+                                            rf"weights\}}, as {model.__name__}\(\)\.init returns them; received "
+                                            rf"{type(given).__name__}\.$"):
+            model().apply(given, xs)

@@ -274,7 +274,7 @@ def test_the_out_folder_is_checked_before_training(count_run, tmp_path, capsys):
         (["--out", str(count_run), "--resume", "--overwrite"],
          r"argument --overwrite: not allowed with argument --resume"),
         (["--steps", "1e3"], r"argument --steps: expected a positive integer; received '1e3'$"),
-        (["--lr", "nan"], r"argument --lr: expected a positive finite number; received 'nan'$"),
+        (["--lr", "nan"], r"argument --lr: expected a learning rate from 1.175e-38 to 3.403e\+38 \(float32's range\); received 'nan'$"),
         (["--tol", "-1"], r"argument --tol: expected a tolerance in \(0, 1\); received '-1'$"),
         (["--tol", "1"], r"argument --tol: expected a tolerance in \(0, 1\); received '1'$"),
         (["--skip-nonfinite", "-1"], r"argument --skip-nonfinite: expected an integer >= 0; received '-1'$"),
@@ -434,6 +434,15 @@ def test_load_run_reports_the_step_and_whether_the_run_converged(l1_run, tmp_pat
     (("settings", "steps", True), r"settings out of range: steps\)$"),
     (("seed", None, 2**70), r"damaged checkpoint \(run/metadata: bad seed\)$"),
     (("first_seed", None, -1), r"not a checkpoint of an rnnjax run"),
+    (("resumed_at", None, [float("nan")]), r"damaged checkpoint \(run/metadata: NaN is not strict JSON\)$"),
+    (("resumed_at", None, ["x"]), r"not a checkpoint of an rnnjax run"),
+    (("dead_seeds", None, list(range(20))), r"not a checkpoint of an rnnjax run"),
+    (("dead_seeds", None, [{"a": 1}]), r"not a checkpoint of an rnnjax run"),
+    (("task", None, ["l1"]), r"not a checkpoint of an rnnjax run"),
+    (("settings", "dead_steps", 0), r"settings out of range: dead_steps\)$"),
+    (("settings", "lr", 1e300), r"settings out of range: lr\)$"),
+    (("settings", "lr", 2**63), r"settings out of range: lr\)$"),
+    (("settings", "lr", "a 5,000-digit integer"), r"damaged checkpoint \(run/metadata: Exceeds the limit"),
 ])
 def test_a_checkpoint_with_settings_no_run_writes_is_refused_naming_it(l1_run, tmp_path, capsys, edit, match):
     damaged = tmp_path / "damaged"
@@ -443,13 +452,18 @@ def test_a_checkpoint_with_settings_no_run_writes_is_refused_naming_it(l1_run, t
     metadata = last / "run" / "metadata"
     info = json.loads(metadata.read_text())
     where, name, value = edit
+    value = 10**5000 if value == "a 5,000-digit integer" else value
     if where == "settings":
         info["run"]["settings"][name] = value
     elif where == "seed":
         info["seed"] = value
     else:
         info["run"][where] = value
-    metadata.write_text(json.dumps(info))
+    sys.set_int_max_str_digits(0)  # to write a 5,000-digit number, which Python then refuses to read
+    try:
+        metadata.write_text(json.dumps(info))
+    finally:
+        sys.set_int_max_str_digits(4300)
     for argv in (["eval", "l1", "--params", str(damaged), "--length", "3"],
                  ["train", "l1", "--out", str(damaged), "--resume", "--steps", "5000"]):
         assert main(argv) == 2
@@ -489,3 +503,20 @@ def test_version_and_an_input_longer_than_eval_takes(l1_run, tmp_path, capsys, m
         assert main(["eval", "l1", "--params", str(l1_run), "--input", str(path)]) == 2
         one_error_line(capsys.readouterr(), rf"--input {re.escape(str(path))}: holds more than 3 numbers, the most "
                                             r"one sequence may have$")
+
+
+@pytest.mark.parametrize("lr", ["1e-300", "1e-39", "1e300", "3.5e38"])
+def test_a_learning_rate_beyond_float32s_range_is_refused(lr, capsys):
+    """In float32 such a rate is 0 (nothing trains) or infinite (the first step diverges)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "l1", "--lr", lr])
+    assert exit_info.value.code == 2
+    one_error_line(capsys.readouterr(), rf"argument --lr: expected a learning rate from 1.175e-38 to 3.403e\+38 "
+                                        rf"\(float32's range\); received '{lr}'$")
+
+
+def test_float32s_largest_number_as_numpy_prints_it_is_evaluated(l1_run, tmp_path, capsys):
+    path = tmp_path / "x.csv"
+    path.write_text("3.4028235e38")
+    assert main(["eval", "l1", "--params", str(l1_run), "--input", str(path)]) == 0
+    assert "predicted 3.40282347e+38, exact 3.4028235e+38 (float64), relative error 9.88e-09" in capsys.readouterr().out

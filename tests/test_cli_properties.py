@@ -112,6 +112,7 @@ def test_any_train_flags_parse_to_valid_settings_or_are_refused_in_one_line(flag
         assert value is None or (isinstance(value, int) and 1 <= value < 2**31)
     for name in ("lr", "tol"):
         value = getattr(args, name)
-        assert value is None or (np.isfinite(value) and 0 < value <= np.finfo(np.float32).max)
+        assert value is None or (np.isfinite(np.float32(value)) and 0 < value < 1 if name == "tol" else
+                                 np.finfo(np.float32).tiny <= value <= np.finfo(np.float32).max)
     assert args.seed is None or 0 <= args.seed < 2**31
     assert args.skip_nonfinite is None or 0 <= args.skip_nonfinite < 2**31

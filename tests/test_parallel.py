@@ -756,6 +756,23 @@ def test_a_cell_or_params_that_do_not_fit_are_refused_naming_both(cell, params, 
             jnp.ones((2, 5, 1)), method=method)
 
 
+@pytest.mark.parametrize("given, error, message", [
+    ({"xs": "abc"}, TypeError, r"^xs must be a floating-point array; received str of dtype <U3\.$"),
+    ({"xs": None}, TypeError, r"^xs must be a floating-point array; received NoneType of dtype object\.$"),
+    ({"xs": [[[1.0]], [[1.0], [2.0]]]}, TypeError, r"^xs must be a floating-point array; received a ragged list\.$"),
+    ({"initial_state": "a"}, TypeError, r"^initial_state must be an array, or a pytree of arrays like the cell's "
+                                        r"carry; received str\.$"),
+    ({"lengths": [2**70, 1]}, ValueError, r"^lengths must lie in \[0, 5\] \(the time axis of xs\); received values "
+                                          r"from 1 to 1\.181e\+21\.$"),
+])
+def test_sequences_initial_states_and_lengths_of_the_wrong_kind_are_refused(given, error, message):
+    cell = ReLUCell(1)
+    arguments = {"xs": jnp.ones((2, 5, 1)), "lengths": None, "initial_state": None, **given}
+    params = cell.init(jax.random.key(0), jnp.zeros((2, 1)), jnp.zeros((2, 1)))
+    with pytest.raises(error, match=message):
+        rnn(cell, params, arguments["xs"], arguments["lengths"], initial_state=arguments["initial_state"])
+
+
 @pytest.mark.parametrize("vendor, long", [("GenuineIntel", 32), ("AuthenticAMD", 256), ("", 128)])
 def test_the_cpu_block_size_beyond_2_to_the_15_depends_on_the_vendor(monkeypatch, vendor, long):
     """64 steps a block up to 2**15 steps on every CPU; beyond, the size measured fastest on that
