@@ -192,7 +192,7 @@ def test_a_tolerance_below_float32s_smallest_asks_for_the_target_itself():
     assert single.stop_reason == "weights" and single.steps == runs[1e-9].converged_at[0]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(error=st.floats(0, 1, width=32), tol=st.floats(1e-60, 1.0, exclude_min=True),
        dtype=st.sampled_from([np.float32, np.float64]))
 def test_within_is_the_exact_comparison_whatever_the_tolerance(error, tol, dtype):
