@@ -14,11 +14,11 @@ def start() -> None:
     presses = []
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # not started with Ctrl-C ignored
         signal.signal(signal.SIGINT, lambda signum, frame: presses.append(signum))
-        from rnnjax.cli import script
+        from rnnjax.app.cli import script
 
         signal.signal(signal.SIGINT, signal.default_int_handler)
     else:
-        from rnnjax.cli import script
+        from rnnjax.app.cli import script
     try:
         if presses:
             raise KeyboardInterrupt

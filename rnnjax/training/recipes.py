@@ -18,17 +18,18 @@ the batches. ``benchmarks/SWEEPS.md`` holds the measured rates.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import optax
 
-from rnnjax.data import Batch
-from rnnjax.sweep import SweepResult, sweep
-from rnnjax.train import weight_elements
+from rnnjax.training.data import Batch
+from rnnjax.training.sweep import SweepResult, sweep
+from rnnjax.training.fit import weight_elements
 
-__all__ = ["Reparametrized", "square_input_weights", "Recipe", "RECIPES", "sweep_recipe"]
+__all__ = ["Reparametrized", "square_input_weights", "Recipe", "RECIPES", "network_watch", "sweep_recipe"]
 
 
 class Reparametrized(NamedTuple):
@@ -44,7 +45,7 @@ class Reparametrized(NamedTuple):
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from rnnjax.models import L1Norm
+      >>> from rnnjax.training.models import L1Norm
       >>> net = Reparametrized(L1Norm(), square_input_weights)
       >>> params = net.init(jax.random.key(0), jnp.ones((1, 3)))
       >>> float(net.transform(params)["params"]["cell"]["W_ih"][0, 0]) >= 0
@@ -73,6 +74,16 @@ def square_input_weights(params: Any) -> Any:
 
 def _identity(params: Any) -> Any:
     return params
+
+
+class _Watch(NamedTuple):
+    """``watch(transform(params))``, hashable by value (a fit's compiled program is cached on it)."""
+
+    watch: Callable[[Any], dict[str, jax.Array]]
+    transform: Callable[[Any], Any]
+
+    def __call__(self, params: Any) -> dict[str, jax.Array]:
+        return self.watch(self.transform(params))
 
 
 class Recipe(NamedTuple):
@@ -107,6 +118,7 @@ class Recipe(NamedTuple):
         """Returns ``model`` with this recipe's parametrisation."""
         return Reparametrized(model, self.transform)
 
+    @functools.lru_cache(maxsize=32)  # one object per (recipe, lr): fits share its compilation
     def optimizer(self, lr: float | None = None) -> optax.GradientTransformation:
         """Returns Adam as this recipe runs it, with a peak learning rate ``lr`` (None: ``self.lr``)."""
         lr = self.lr if lr is None else lr
@@ -124,6 +136,12 @@ RECIPES: dict[str, Recipe] = {
         "a fresh batch of 8 each step",
         square_input_weights, lr=0.1, b2=0.9999, decay_steps=3000, final_lr=0.01, fresh_batches=True),
 }
+
+
+def network_watch(watch: Callable[[Any], dict[str, jax.Array]], transform: Callable[[Any], Any]) -> _Watch:
+    """``params -> watch(transform(params))``: the numbers ``watch`` picks of the weights a
+    reparametrised network computes with; equal arguments give equal (hashable) functions."""
+    return _Watch(watch, transform)
 
 
 def sweep_recipe(
@@ -151,8 +169,8 @@ def sweep_recipe(
       **kwargs: passed on to ``sweep`` (``first_seed``, ``tol``, ``devices``, ``progress``...).
 
     Example:
-      >>> from rnnjax.data import count_batch
-      >>> from rnnjax.models import RunningCount
+      >>> from rnnjax.training.data import count_batch
+      >>> from rnnjax.training.models import RunningCount
       >>> result = sweep_recipe(RECIPES["squared"], RunningCount(),
       ...                       lambda key, n: count_batch(key, n, 5), seeds=8, progress=False)
       >>> list(result.outcome) == ["converged"] * 8
@@ -167,7 +185,7 @@ def sweep_recipe(
         seeds=seeds,
         steps=steps,
         fresh_batches=recipe.fresh_batches,
-        weights=lambda params: watch(network.transform(params)),
+        watch=network_watch(watch, network.transform),
         **kwargs,
     )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 import flax.linen as nn
@@ -10,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.cell import PRECISION, ReLUCell
-from rnnjax.masking import check_lengths, length_mask
-from rnnjax.parallel import relu_scan
+from rnnjax.core import checks
+from rnnjax.core.cell import PRECISION, ReLUCell
+from rnnjax.core.masking import length_mask
+from rnnjax.core.parallel import scan
 
-__all__ = ["Method", "METHODS", "rnn", "resolve_method", "check_sequences"]
+__all__ = ["Method", "METHODS", "rnn", "run", "resolve_method"]
 
 Method = Literal["sequential", "parallel", "auto"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -29,28 +29,6 @@ _ACCELERATOR_UNROLL = 8
 # 1.1e-6 at 1024 and 0.46 at 1e8; the blocked scan's is 2.3e-7 or less at every length up to 1e8
 # (benchmarks/NOTES.md, "What auto picks").
 AUTO_PARALLEL_FROM = 256
-
-
-def check_sequences(xs: Any, name: str = "xs") -> jax.Array:
-    """Returns ``xs`` as an array after checking that it is floating point with no empty axis."""
-    if not isinstance(xs, jax.Array):
-        received = type(xs).__name__
-        try:
-            xs = np.asarray(xs)  # NumPy first: JAX warns about, or refuses in its own words, what is no array
-        except ValueError:  # a ragged list
-            raise TypeError(f"{name} must be a floating-point array; received a ragged {received}.") from None
-        if xs.dtype.kind in "OSUV":
-            raise TypeError(f"{name} must be a floating-point array; received {received} of dtype {xs.dtype}.")
-    if not jnp.issubdtype(xs.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be a floating-point array; received dtype {xs.dtype}. "
-            f"Convert it with {name}.astype(jnp.float32)."
-        )
-    if 0 in xs.shape:
-        raise ValueError(
-            f"{name} must hold at least one sequence and one time step; received shape {xs.shape}."
-        )
-    return jnp.asarray(xs)
 
 
 def _parallel_refusal(cell: nn.Module) -> str | None:
@@ -76,14 +54,12 @@ def resolve_method(cell: nn.Module, method: str, *, time: int | None = None) -> 
 
     Args:
       cell: the cell ``rnn`` runs.
-      method: "sequential", "parallel" or "auto".
+      method: "sequential", "parallel" or "auto" (checked by the caller).
       time: the number of steps, for "auto"; None counts as short.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; received {method!r}.")
     refusal = _parallel_refusal(cell)
     if method == "parallel" and refusal:
-        raise ValueError(refusal)
+        raise checks.InputError(refusal, "method")
     if method == "auto":
         long = time is not None and time >= AUTO_PARALLEL_FROM
         return "parallel" if refusal is None and (long or jax.default_backend() != "cpu") else "sequential"
@@ -117,7 +93,7 @@ def rnn(
       initial_state: the carry before the first step, shaped like
         ``cell.initialize_carry(key, xs[:, 0].shape)``; None means that (zeros).
       method: "sequential" (one ``lax.scan``), "parallel" (the exact blocked scan of
-        ``rnnjax.parallel``; ``ReLUCell`` with ``features == 1`` or ``diagonal=True`` only;
+        ``rnnjax.core.parallel``; ``ReLUCell`` with ``features == 1`` or ``diagonal=True`` only;
         weights below float32 precision are computed in float32 and returned in their dtype,
         saturating at its largest finite value: 65504 for float16, where the loop's float16
         sum of ones stalls at 2048), or "auto" (see
@@ -138,81 +114,63 @@ def rnn(
       >>> final_state.shape, states.shape, bool(jnp.isfinite(states).all())
       ((2, 1), (2, 3, 1), True)
     """
-    xs = check_sequences(xs)
-    if xs.ndim != 3:
-        raise ValueError(
-            f"xs must have shape (batch, time, features); received shape {xs.shape}. "
-            "Add a features axis with xs[..., None], or a batch axis with xs[None]."
-        )
+    cell = checks.cell("cell", cell)
+    xs = checks.floating_array("xs", xs, shapes=("(batch, time, features)",))
+    method = checks.choice("method", method, METHODS)
     batch, time, _ = xs.shape
-    _check_cell_and_params(cell, params, xs)
-    method = resolve_method(cell, method, time=time)
-    if lengths is None:
-        lengths = jnp.full((batch,), time, jnp.int32)
-    lengths = check_lengths(lengths, batch, time)
-    mask = length_mask(lengths, time)
-    xs = jnp.where(mask[..., None], xs, 0)
-    initial_state = _initial_state(cell, params, xs, initial_state)
-    run = _parallel if method == "parallel" else _sequential
-    return run(cell, params, xs, lengths, initial_state)
+    expected_params, expected_carry = _expected(cell, xs)
+    params = checks.variables("params", params, expected_params, what=f"this cell and xs of shape {xs.shape}",
+                              fix=f" Initialise the cell with inputs shaped like xs[:, 0] = {xs[:, 0].shape}.")
+    lengths = checks.lengths(lengths, batch, time)
+    initial_state = _initial_state(initial_state, expected_carry)
+    return run(cell, params, xs, lengths, initial_state, resolve_method(cell, method, time=time))
 
 
-def _initial_state(cell, params, xs, initial_state):
-    """Checks ``initial_state`` (or makes the zero one) against what the cell's step expects,
-    and casts it to the dtype one step returns (inputs, weights and state promoted together)."""
-    step_shape = xs[:, 0].shape
-    expected = jax.eval_shape(lambda key: cell.initialize_carry(key, step_shape), jax.random.key(0))
+def run(cell: nn.Module, params: Any, xs: jax.Array, lengths: jax.Array, initial_state: Any,
+        method: str) -> tuple[Any, jax.Array]:
+    """``rnn`` on checked arguments: ``lengths`` int32 in ``[0, time]``, ``initial_state`` the
+    carry (or None for zeros), ``method`` "sequential" or "parallel" (as ``resolve_method``
+    returns it). What the models call after checking their own arguments."""
+    time = xs.shape[1]
     if initial_state is None:
         initial_state = cell.initialize_carry(jax.random.key(0), xs[:, 0].shape)
+    # The carry in the dtype one step returns (inputs, weights and state promoted together).
+    step = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
+    initial_state = jax.tree.map(lambda h, s: h.astype(s.dtype), initial_state, step)
+    xs = jnp.where(length_mask(lengths, time)[..., None], xs, 0)
+    return (_parallel if method == "parallel" else _sequential)(cell, params, xs, lengths, initial_state)
+
+
+def _expected(cell: nn.Module, xs: jax.Array) -> tuple[Any, Any]:
+    """The shapes of ``cell.init``'s variables and of its zero carry for inputs like ``xs``: one
+    trace of the cell."""
+    def init(key, step):
+        carry = cell.initialize_carry(key, step.shape)
+        return cell.init(key, carry, step), carry
+
+    return jax.eval_shape(init, jax.random.key(0), xs[:, 0])
+
+
+def _initial_state(initial_state: Any, expected: Any) -> Any:
+    """Checks ``initial_state`` against the shapes of the cell's carry; None stays None."""
+    if initial_state is None:
+        return None
     leaves = jax.tree.leaves(initial_state)
     if not leaves or not all(isinstance(leaf, jax.Array) or np.asarray(leaf).dtype.kind in "biuf" for leaf in leaves):
-        raise TypeError(f"initial_state must be an array, or a pytree of arrays like the cell's carry; received "
-                        f"{type(initial_state).__name__}.")
+        raise checks.InputError(f"initial_state must be an array, or a pytree of arrays like the cell's carry; "
+                                f"received {type(initial_state).__name__}.", "initial_state")
     initial_state = jax.tree.map(jnp.asarray, initial_state)
     received = jax.tree.map(lambda leaf: leaf.shape, initial_state)
     shapes = jax.tree.map(lambda leaf: leaf.shape, expected)
     if received != shapes:
         if isinstance(expected, jax.ShapeDtypeStruct):
-            raise ValueError(
-                f"initial_state must have shape (batch, features) = {shapes}; "
-                f"received shape {received}."
-            )
-        raise ValueError(
+            raise checks.InputError(f"initial_state must have shape (batch, features) = {shapes}; "
+                                    f"received shape {received}.", "initial_state")
+        raise checks.InputError(
             f"initial_state must be shaped like the cell's carry {shapes}; received {received}. "
-            "Leave it None for zeros, or start from cell.initialize_carry(key, xs[:, 0].shape)."
-        )
-    initial_state = jax.tree.map(
-        lambda h: h.astype(jnp.promote_types(xs.dtype, h.dtype)), initial_state)
-    step = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
-    return jax.tree.map(lambda h, s: h.astype(s.dtype), initial_state, step)
-
-
-def _check_cell_and_params(cell: Any, params: Any, xs: jax.Array) -> None:
-    """Refuses, quoting what was expected and received, a cell that is not a flax cell, and
-    params that are not that cell's variables for inputs shaped like ``xs``: the "params"
-    collection with the weights' names and shapes ``cell.init`` gives, of floating dtypes."""
-    if not isinstance(cell, nn.Module) or not callable(getattr(cell, "initialize_carry", None)):
-        raise TypeError(f"cell must be a flax recurrent cell (a module with initialize_carry), such as "
-                        f"ReLUCell(features=1) or nn.LSTMCell; received {type(cell).__name__}.")
-    if not isinstance(params, Mapping) or not isinstance(params.get("params"), Mapping):
-        received = (f"a dict with keys {sorted(map(str, params))}" if isinstance(params, Mapping)
-                    else type(params).__name__)
-        raise TypeError(f"params must be the cell's variables as cell.init returns them, "
-                        f"{{'params': {{...}}}}; received {received}. Weights alone go in as "
-                        "{'params': weights}.")
-    key, step_shape = jax.random.key(0), xs[:, 0].shape
-    expected = jax.eval_shape(lambda: cell.init(key, cell.initialize_carry(key, step_shape), xs[:, 0]))
-    shapes = jax.tree.map(jnp.shape, expected["params"])
-    received = jax.tree.map(jnp.shape, dict(params["params"]))
-    if received != shapes:
-        raise ValueError(f"params do not fit this cell and xs of shape {xs.shape}: expected weights "
-                         f"{shapes}; received {received}. Initialise the cell with inputs shaped like "
-                         f"xs[:, 0] = {step_shape}.")
-    for path, weight in jax.tree_util.tree_flatten_with_path(params["params"])[0]:
-        if not jnp.issubdtype(jnp.result_type(weight), jnp.floating):
-            raise TypeError(f"params must be floating point; received {jnp.result_type(weight)} for "
-                            f"{jax.tree_util.keystr(path, simple=True, separator='/')}. Cast them with "
-                            "jax.tree.map(lambda w: w.astype(jnp.float32), params).")
+            "Leave it None for zeros, or start from cell.initialize_carry(key, xs[:, 0].shape).",
+            "initial_state")
+    return initial_state
 
 
 def _sequential(cell, params, xs, lengths, initial_state):
@@ -235,7 +193,7 @@ def _sequential(cell, params, xs, lengths, initial_state):
 
 
 def _parallel(cell, params, xs, lengths, initial_state):
-    """The same as ``_sequential``, by the exact blocked scan of ``rnnjax.parallel``."""
+    """The same as ``_sequential``, by the exact blocked scan of ``rnnjax.core.parallel``."""
     weights = params["params"]
     dtype = initial_state.dtype
     compute = jnp.promote_types(dtype, jnp.float32)  # float16 and bfloat16 weights: float32
@@ -249,7 +207,7 @@ def _parallel(cell, params, xs, lengths, initial_state):
     else:
         inputs = jnp.dot(xs.astype(compute), w_ih, precision=PRECISION)
     w_hh = weights["W_hh"].reshape(-1).astype(compute)
-    final_state, states = relu_scan(w_hh, inputs, lengths, initial_state.astype(compute))
+    final_state, states = scan(w_hh, inputs, lengths, initial_state.astype(compute))
     if dtype == compute:
         return final_state, states
     largest = jnp.finfo(dtype).max  # a float32 state past float16's range saturates, not inf

@@ -3,7 +3,7 @@
 ``relu_scan`` computes ``h_t = max(0, w*h_{t-1} + u_t)`` for every ``t`` with the work split
 into blocks of ``block_size`` steps:
 
-1. each block's steps are composed into one ``Ramp`` (``rnnjax.ramps``): a ``lax.scan`` over the
+1. each block's steps are composed into one ``Ramp`` (``rnnjax.core.ramps``): a ``lax.scan`` over the
    steps of a block, vectorised across blocks and the batch; where no ``|w|`` exceeds 1 it runs
    the loop three times at once (from 0, from ``inf`` and without the ReLU, ``ramps.of_runs``),
    three plain numbers a step, and forms each block's ramp from their ends;
@@ -35,7 +35,7 @@ magnitude of ``tiny`` followed by growth. The first term is a sum of magnitudes 
 of the computation, not of all steps: each state is a ramp evaluated at an entering state,
 itself a ramp of the level above evaluated at its own, and so on, and each evaluation rounds
 once. The slopes ``w^k`` are
-computed from ``k`` by ``rnnjax.ramps.powers``, each rounded once, so their rounding does not
+computed from ``k`` by ``rnnjax.core.ramps.powers``, each rounded once, so their rounding does not
 compound over the blocks (at ``w = 0.99999``, ``T = 1e5``, float32, ``h_t = w^(t+1)`` is within
 28 eps of exact at every step with 32 steps a block, 61 with 128 and 122 with 256, the loop's
 98: each block's re-run is the loop's own rounding over its steps, which on this input all round
@@ -43,7 +43,7 @@ one way).
 ``tests/test_parallel.py`` checks the bound by property tests over that domain, including tiny
 states growing through spans whose ``|w|^k`` passes the largest float.
 
-**Why every quantity stays finite** (invariants of ``rnnjax.ramps``):
+**Why every quantity stays finite** (invariants of ``rnnjax.core.ramps``):
 
 - A slope is a ``Slope``, the product of normal floats ``lead * scale * scale`` whose binary
   exponent is carried apart: ``3**1000`` and ``1e-30**1000`` are stored as they are, and
@@ -81,7 +81,7 @@ The derivative is a ``custom_jvp``: the tangent obeys the linear recurrence
 same blocked method on affine maps ``y -> a*y + b`` (in the blocks' layout throughout, with
 ``[z_t > 0]`` read off the state, so a derivative transposes the ``(batch, time)`` arrays once
 each way), whose ``a`` over a span is ``w^k`` as a
-``Slope`` from ``rnnjax.ramps.powers`` again (where every step of it fired; 0 otherwise), so
+``Slope`` from ``rnnjax.core.ramps.powers`` again (where every step of it fired; 0 otherwise), so
 gradients do not compound the rounding of ``w^k`` either, and ``a*y`` overflows or underflows
 only where the exact product does (a tiny tangent carried through a span with ``|w|^k > M`` is
 exact, as in the loop). JAX transposes it for reverse mode, and differentiates it again for
@@ -101,7 +101,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -109,10 +108,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax import ramps
-from rnnjax.masking import check_lengths
+from rnnjax.core import ramps
+from rnnjax.core import checks
 
-__all__ = ["relu_scan", "default_block_size", "upper_block_size", "levels"]
+__all__ = ["relu_scan", "scan", "default_block_size", "upper_block_size", "levels"]
 
 # Steps per block, and lax.scan's unroll for the loops over a block's elements. On a CPU 64
 # steps up to 2**15 steps; beyond them the best size depended on the machine: 256 on a 2-core
@@ -219,7 +218,7 @@ class _Algebra(NamedTuple):
     ``then(map, element, slopes)`` is the map followed by one element of the first level and
     ``compose(first, second, slopes)`` the map followed by another map (of a higher level's
     element); ``evaluate(map, slopes, h)`` applies one. ``powers(counts)`` returns what spans of
-    ``counts`` steps share, stacked (``rnnjax.ramps.powers`` for ramps), or is None. At the
+    ``counts`` steps share, stacked (``rnnjax.core.ramps.powers`` for ramps), or is None. At the
     ``j``-th element of a block the driver passes ``slopes = (before, element, after)``: those of
     the spans of the ``j`` elements before, of the element, and of all ``j + 1``.
     ``spans(blocks, slope)``, if given, returns the maps of whole blocks of first-level elements
@@ -381,7 +380,7 @@ def _affine(w: jax.Array) -> _Algebra:
     maps of spans are ``(a, b, fired)``.
 
     A span's ``a`` is ``w**k`` if all its ``k`` steps fired, else 0. It is applied as the
-    ``Slope`` from ``rnnjax.ramps.powers`` (rounded once, so its rounding does not compound over
+    ``Slope`` from ``rnnjax.core.ramps.powers`` (rounded once, so its rounding does not compound over
     the blocks, and of any magnitude, so ``a*y`` overflows or underflows only where the exact
     product does), where the span's ``fired`` says every step fired (``_scaled``).
     """
@@ -415,20 +414,20 @@ def _affine(w: jax.Array) -> _Algebra:
 
 def _ramps(w: jax.Array, growing: bool) -> _Algebra:
     """The ramps of the steps ``h -> max(0, w*h + u)``, whose elements are the inputs ``u``
-    (``growing``: whether some ``|w| > 1``, see ``rnnjax.ramps.evaluate``)."""
+    (``growing``: whether some ``|w| > 1``, see ``rnnjax.core.ramps.evaluate``)."""
     return _Algebra(
         identity=ramps.identity,
         then=lambda m, u, slopes: ramps.then_step(m, w, u, slopes[2], growing=growing),
         compose=lambda m, e, slopes: ramps.compose(m, slopes[0], e, slopes[1], growing=growing),
         evaluate=functools.partial(ramps.evaluate, growing=growing),
         powers=lambda counts: _powers(w, counts),
-        # Three plain runs of the loop a block where no slope exceeds 1 (rnnjax.ramps.of_runs).
+        # Three plain runs of the loop a block where no slope exceeds 1 (rnnjax.core.ramps.of_runs).
         spans=None if growing else lambda blocks, slope: ramps.of_runs(w, blocks, slope, scan=_scan),
     )
 
 
 def _powers(w: jax.Array, counts: np.ndarray) -> ramps.Slope:
-    """``rnnjax.ramps.powers`` of a scalar ``w``: ``w**k`` for each ``k`` of ``counts``."""
+    """``rnnjax.core.ramps.powers`` of a scalar ``w``: ``w**k`` for each ``k`` of ``counts``."""
     return jax.tree.map(lambda x: x[:, 0], ramps.powers(w[None], counts, scan=_scan))
 
 
@@ -582,9 +581,19 @@ def relu_scan(
       >>> final_state[:, 0], states[0, :, 0]
       (Array([7.], dtype=float32), Array([3., 0., 7., 0.], dtype=float32))
     """
-    lengths = _check_arguments(w, inputs, lengths, h0)
+    _check_arguments(w, inputs, h0)
+    batch, time, _ = inputs.shape
+    lengths = checks.lengths(lengths, batch, time, sequences="inputs")
+    block_size = None if block_size is None else checks.integer("block_size", block_size)
+    return scan(w, inputs, lengths, h0, block_size=block_size)
+
+
+def scan(w: jax.Array, inputs: jax.Array, lengths: jax.Array, h0: jax.Array, *,
+         block_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """``relu_scan`` on checked arguments (``lengths`` int32 in ``[0, time]``): what
+    ``rnnjax.rnn`` calls."""
     time = inputs.shape[1]
-    size = default_block_size(time) if block_size is None else min(_check_block_size(block_size), time)
+    size = default_block_size(time) if block_size is None else min(block_size, time)
     # The first step sees w*h0 + u_0 (summed as the loop sums it), so the scan starts from 0.
     inputs = _add_to_first_step(inputs, h0 * w)
     growing = jnp.any(jnp.abs(w) > 1)  # one branch for every feature, also under vmap
@@ -599,46 +608,30 @@ def relu_scan(
     return jnp.where(lengths[:, None] > 0, final_state, h0), states
 
 
-def _check_arguments(w, inputs, lengths, h0) -> jax.Array:
-    """Raises a clear error unless the arguments have ``relu_scan``'s shapes and dtypes; returns
-    the lengths as ``rnnjax.masking.check_lengths`` does (int32, in ``[0, time]``)."""
-    arrays = {"w": w, "inputs": inputs, "lengths": lengths, "h0": h0}
+def _check_arguments(w, inputs, h0) -> None:
+    """Raises ``InputError`` unless ``w``, ``inputs`` and ``h0`` have ``relu_scan``'s shapes and
+    dtypes."""
+    arrays = {"w": w, "inputs": inputs, "h0": h0}
     for name, value in arrays.items():
         if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-            raise TypeError(f"relu_scan: {name} must be an array; received {type(value).__name__}.")
+            raise checks.InputError(f"relu_scan: {name} must be an array; received {type(value).__name__}.", name)
     dtype = jnp.dtype(inputs.dtype)
     if dtype not in (jnp.float32, jnp.float64):
-        raise TypeError(f"relu_scan: inputs must be float32 or float64; received {dtype}. Cast "
-                        "them (and w, h0) to float32, or call rnnjax.rnn, which computes a "
-                        "float16 or bfloat16 cell in float32.")
+        raise checks.InputError(f"relu_scan: inputs must be float32 or float64; received {dtype}. Cast them "
+                                "(and w, h0) to float32, or call rnnjax.rnn, which computes a float16 or "
+                                "bfloat16 cell in float32.", "inputs")
     for name in ("w", "h0"):
         if jnp.dtype(arrays[name].dtype) != dtype:
-            raise TypeError(f"relu_scan: {name} must have the inputs' dtype {dtype}; received "
-                            f"{jnp.dtype(arrays[name].dtype)}.")
+            raise checks.InputError(f"relu_scan: {name} must have the inputs' dtype {dtype}; received "
+                                    f"{jnp.dtype(arrays[name].dtype)}.", name)
     if inputs.ndim != 3 or 0 in inputs.shape:
-        raise ValueError(f"relu_scan: inputs must be (batch, time, features), none of them 0; "
-                         f"received shape {tuple(inputs.shape)}.")
-    batch, time, features = inputs.shape
-    expected = {"w": (features,), "h0": (batch, features)}
-    for name, shape in expected.items():
+        raise checks.InputError(f"relu_scan: inputs must be (batch, time, features), none of them 0; "
+                                f"received shape {tuple(inputs.shape)}.", "inputs")
+    batch, _, features = inputs.shape
+    for name, shape in {"w": (features,), "h0": (batch, features)}.items():
         if tuple(arrays[name].shape) != shape:
-            raise ValueError(f"relu_scan: {name} must have shape {shape} for inputs of shape "
-                             f"{tuple(inputs.shape)}; received {tuple(arrays[name].shape)}.")
-    try:
-        return check_lengths(lengths, batch, time, sequences="inputs")
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"relu_scan: {e}") from None
-
-
-def _check_block_size(block_size: Any) -> int:
-    """``block_size`` as a Python int, or a ValueError unless it is a positive integer."""
-    try:
-        size = operator.index(block_size)
-    except TypeError:
-        size = None
-    if size is None or isinstance(block_size, (bool, np.bool_)) or size < 1:
-        raise ValueError(f"block_size must be a positive integer; received {block_size!r}.")
-    return size
+            raise checks.InputError(f"relu_scan: {name} must have shape {shape} for inputs of shape "
+                                    f"{tuple(inputs.shape)}; received {tuple(arrays[name].shape)}.", name)
 
 
 def upper_block_size(maps: int) -> int:

@@ -1,6 +1,6 @@
 """Sweep folders: a seed sweep's summary (``sweep.json``) and picture (``sweep.png``).
 
-``sweep.json`` is strict JSON: the task, every setting used, the summary (``rnnjax.sweep.summarize``)
+``sweep.json`` is strict JSON: the task, every setting used, the summary (``rnnjax.training.sweep.summarize``)
 and one row per seed (outcome, steps to converge, the watched numbers at init and at the end, the
 final loss). Both files are written under a temporary name and renamed into place.
 """
@@ -16,10 +16,11 @@ import jax
 import numpy as np
 
 import rnnjax
-from rnnjax.models import L1Norm, RunningCount
-from rnnjax.runs import writable_folder, write_atomically
-from rnnjax.sweep import SweepResult, loss_landscape, summarize
-from rnnjax.tasks import TASKS
+from rnnjax.app.folders import writable_folder, write_atomically
+from rnnjax.app.tasks import TASKS
+from rnnjax.core.checks import InputError
+from rnnjax.training.models import L1Norm, RunningCount
+from rnnjax.training.sweep import SweepResult, loss_landscape, summarize
 
 __all__ = ["SUMMARY", "PICTURE", "prepare_sweep_folder", "save_sweep", "landscape"]
 
@@ -36,19 +37,19 @@ _PLANES = {
 
 
 def prepare_sweep_folder(out: str | os.PathLike, *, overwrite: bool = False) -> bool:
-    """Checks ``--out`` before a sweep: a folder (created if missing) that can be written, that
+    """Checks the folder ``out`` before a sweep: a folder (created if missing) that can be written, that
     holds nothing but a sweep's two files, and those only with ``overwrite``. Returns True when
     this call created it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+        raise InputError(f"{out}: exists and is not a folder", "out")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     strangers = [name for name in entries if name not in (SUMMARY, PICTURE)]
     if strangers:  # a training run, or anything else, is not ours to write into
-        raise ValueError(f"--out {out}: holds files that are not a sweep ({strangers[0]!r}); "
-                         "choose another folder")
+        raise InputError(f"{out}: holds files that are not a sweep ({strangers[0]!r}); choose another folder",
+                         "out")
     if entries and not overwrite:
-        raise ValueError(f"--out {out}: already holds a sweep ({entries[0]}); pass --overwrite to replace it")
+        raise InputError(f"{out}: already holds a sweep ({entries[0]}); `overwrite` to replace it", "out")
     return writable_folder(out)
 
 
@@ -66,7 +67,7 @@ def landscape(task: str, settings: dict, result: SweepResult) -> tuple[tuple, tu
 
 def save_sweep(out: str | os.PathLike, task: str, settings: dict, result: SweepResult) -> list[Path]:
     """Writes ``sweep.json`` and ``sweep.png`` under ``out``; returns their paths."""
-    from rnnjax.sweep_plot import plot_sweep  # matplotlib loads only when a sweep is saved
+    from rnnjax.app.sweep_plot import plot_sweep  # matplotlib loads only when a sweep is saved
 
     out = Path(out)
     report = json.dumps(_report(task, settings, result), indent=1, allow_nan=False)

@@ -22,7 +22,7 @@ compound their rounding over the spans), and with an exponent range of its own: 
 ``1e-30**1000`` is stored as it is, not clamped to ``M`` or flushed to 0. ``multiply`` and
 ``divide`` then scale a value by it with a single rounding, overflowing to ``inf`` or
 underflowing to 0 only where the exact result does. That is what keeps every quantity finite and
-exact (see ``rnnjax.parallel`` for the argument) where a slope-and-offset pair ``a*h + b``
+exact (see ``rnnjax.core.parallel`` for the argument) where a slope-and-offset pair ``a*h + b``
 overflows for ``|w| > 1`` and a threshold form ``a*(h - t)`` overflows ``t`` for ``|w| < 1``.
 """
 
@@ -118,7 +118,7 @@ def powers(w: jax.Array, counts: np.ndarray, *, scan=jax.lax.scan) -> Slope:
     Args:
       w: ``(features,)`` floats (float32 or float64).
       counts: ``(n,)`` non-negative integers, static.
-      scan: the ``jax.lax.scan`` that runs the loop over the bits (``rnnjax.parallel`` passes
+      scan: the ``jax.lax.scan`` that runs the loop over the bits (``rnnjax.core.parallel`` passes
         one unrolled as suits the backend).
 
     Returns:
@@ -282,7 +282,7 @@ def of_runs(w: jax.Array, inputs: jax.Array, slope: Slope, *, scan=jax.lax.scan)
     monotone). The run from ``inf`` is ``inf`` for ``w > 0`` and, for ``w <= 0``, the run from
     0 after a first step that clips. With ``|w| <= 1``, ``|line|`` is at most the sum of the
     inputs' magnitudes: every number is finite, and its rounding is the loop's. ``scan`` runs
-    the steps (``rnnjax.parallel`` passes one unrolled as suits the backend).
+    the steps (``rnnjax.core.parallel`` passes one unrolled as suits the backend).
     """
     largest = jnp.finfo(inputs.dtype).max
 

@@ -6,9 +6,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from rnnjax.masking import length_mask
+from rnnjax.core import checks
+from rnnjax.core.masking import length_mask
 
 __all__ = ["Batch", "l1_batch", "count_batch"]
 
@@ -25,11 +24,6 @@ class Batch(NamedTuple):
     xs: jax.Array
     lengths: jax.Array
     targets: jax.Array
-
-
-def _check_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; received {value!r}.")
 
 
 def l1_batch(key: jax.Array, batch_size: int, max_length: int) -> Batch:
@@ -50,8 +44,8 @@ def l1_batch(key: jax.Array, batch_size: int, max_length: int) -> Batch:
       >>> batch.xs.shape, batch.lengths.shape, batch.targets.shape
       ((8, 10), (8,), (8,))
     """
-    _check_size("batch_size", batch_size)
-    _check_size("max_length", max_length)
+    batch_size = checks.integer("batch_size", batch_size)
+    max_length = checks.integer("max_length", max_length)
     length_key, value_key = jax.random.split(key)
     lengths = jax.random.randint(length_key, (batch_size,), 1, max_length + 1, jnp.int32)
     # The numbers of a (batch_size, max_length) draw (threefry's counters are the flat index),
@@ -96,8 +90,8 @@ def count_batch(key: jax.Array, batch_size: int, length: int) -> Batch:
       >>> bool((batch.targets[:, -1] == batch.xs.sum(axis=1)).all())
       True
     """
-    _check_size("batch_size", batch_size)
-    _check_size("length", length)
+    batch_size = checks.integer("batch_size", batch_size)
+    length = checks.integer("length", length)
     xs = jax.random.bernoulli(key, 0.5, (batch_size, length)).astype(jnp.float32)
     lengths = jnp.full((batch_size,), length, jnp.int32)
     return Batch(xs, lengths, jnp.cumsum(xs, axis=1))

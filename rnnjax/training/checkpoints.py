@@ -23,7 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from rnnjax.train import SEED_LIMIT, FitResult, seed_keys
+from rnnjax.core.checks import SEED_LIMIT, InputError
+from rnnjax.training.fit import FitResult, seed_keys
 
 __all__ = ["FORMAT", "loads_strict_json", "save_checkpoint", "checkpoint_steps", "checkpoint_info", "restore_checkpoint",
            "delete_checkpoints"]
@@ -100,8 +101,8 @@ def save_checkpoint(folder: str | os.PathLike, result: FitResult, *, seed: int, 
     Example:
       >>> import tempfile, optax
       >>> from rnnjax import RunningCount
-      >>> from rnnjax.data import count_batch
-      >>> from rnnjax.train import fit, fit_start
+      >>> from rnnjax.training.data import count_batch
+      >>> from rnnjax.training.fit import fit, fit_start
       >>> draw = lambda key: count_batch(key, 8, 5)
       >>> result = fit(RunningCount(), optax.adam(0.1), draw, seed=3, max_steps=30, progress=False)
       >>> folder = tempfile.mkdtemp()
@@ -143,23 +144,23 @@ def checkpoint_steps(folder: str | os.PathLike) -> list[int]:
 def checkpoint_info(folder: str | os.PathLike, step: int) -> dict:
     """Returns what ``save_checkpoint`` recorded at ``step``: "seed", "steps", "run", ...
 
-    Raises ``ValueError`` naming the step folder when it is not an rnnjax checkpoint.
+    Raises ``InputError`` naming the step folder when it is not an rnnjax checkpoint.
     """
     where = Path(folder) / str(step)
     try:
         info = loads_strict_json((where / "run" / "metadata").read_text())
     except FileNotFoundError:
-        raise ValueError(f"{where}: not an rnnjax checkpoint (no run/metadata)") from None
+        raise InputError(f"{where}: not an rnnjax checkpoint (no run/metadata)", "folder") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also a 5,000-digit number
-        raise ValueError(f"{where}: damaged checkpoint (run/metadata: {str(e)[:120] or type(e).__name__})") from None
+        raise InputError(f"{where}: damaged checkpoint (run/metadata: {str(e)[:120] or type(e).__name__})", "folder") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ValueError(f"{where}: not an rnnjax checkpoint (expected format {FORMAT!r})")
+        raise InputError(f"{where}: not an rnnjax checkpoint (expected format {FORMAT!r})", "folder")
     kinds = {"seed": int, "steps": int, "run": dict, "sha256": str}
     wrong = [k for k, kind in kinds.items() if not isinstance(info.get(k), kind) or isinstance(info.get(k), bool)]
     if not wrong and not 0 <= info["seed"] < SEED_LIMIT:
         wrong = ["seed"]
     if wrong or info["steps"] != step:
-        raise ValueError(f"{where}: damaged checkpoint (run/metadata: bad {', '.join(wrong) or 'steps'})")
+        raise InputError(f"{where}: damaged checkpoint (run/metadata: bad {', '.join(wrong) or 'steps'})", "folder")
     return info
 
 
@@ -168,7 +169,7 @@ def restore_checkpoint(folder: str | os.PathLike, step: int, template: FitResult
     same model, optimizer, data and seed), ready for ``fit(..., start=...)``.
 
     Every array must have the template's shape and dtype (the history: one row per step), the
-    data key must be the seed's, and the digest must match; otherwise ``ValueError`` names
+    data key must be the seed's, and the digest must match; otherwise ``InputError`` names
     the step folder and what is wrong, and nothing is returned.
 
     Returns:
@@ -182,11 +183,11 @@ def restore_checkpoint(folder: str | os.PathLike, step: int, template: FitResult
     if failure is None and _shapes(restored) != _shapes(target):  # what was read, not what was said
         failure = _FOREIGN
     if failure:
-        raise ValueError(f"{where}: {failure}")
+        raise InputError(f"{where}: {failure}", "folder")
     if _digest(restored, info) != info["sha256"]:
-        raise ValueError(f"{where}: damaged checkpoint (its SHA-256 digest does not match its contents)")
+        raise InputError(f"{where}: damaged checkpoint (its SHA-256 digest does not match its contents)", "folder")
     if not np.array_equal(restored["data_key"], target["data_key"]) or int(restored["train_state"].step) != step:
-        raise ValueError(f"{where}: damaged checkpoint (its data key or step disagrees with its seed or folder)")
+        raise InputError(f"{where}: damaged checkpoint (its data key or step disagrees with its seed or folder)", "folder")
     return FitResult(restored["train_state"], template.initial_params, step, "running",
                      restored.get("history", history))
 

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rnnjax.sweep import OUTCOMES, SweepResult  # noqa: E402
+from rnnjax.training.sweep import OUTCOMES, SweepResult  # noqa: E402
 
 __all__ = ["plot_sweep"]
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rnnjax.core.checks import InputError
+
 __all__ = ["FLOAT32_MAX", "FLOAT32_TINY", "parse_number", "read_sequence"]
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -40,7 +42,7 @@ def parse_number(text: str) -> float:
     """Returns the float that ``text`` spells as a plain decimal number that rounds to a finite
     float32.
 
-    Raises ``ValueError`` saying why not, e.g. ``'1_000' is not a number``.
+    Raises ``InputError`` saying why not, e.g. ``'1_000' is not a number``.
 
     Example:
       >>> parse_number("-2.5e3")
@@ -48,10 +50,10 @@ def parse_number(text: str) -> float:
     """
     if not _NUMBER.fullmatch(text):
         kind = "a finite number" if text.lower().lstrip("+-") in ("nan", "inf", "infinity") else "a number"
-        raise ValueError(f"{_show(text)} is not {kind}")
+        raise InputError(f"{_show(text)} is not {kind}", "text")
     value = float(text)
     if not _finite_in_float32(value):
-        raise ValueError(f"{_cut(text)} is beyond float32's range (largest magnitude {FLOAT32_MAX:.4g})")
+        raise InputError(f"{_cut(text)} is beyond float32's range (largest magnitude {FLOAT32_MAX:.4g})", "text")
     return value
 
 
@@ -87,23 +89,23 @@ def read_sequence(path: str | os.PathLike, *, bits: bool = False, max_values: in
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".csv", ".txt"):
-        raise ValueError(f"{path}: expected a .npy, .csv or .txt file; received '{suffix or path.name}'")
+        raise InputError(f"{path}: expected a .npy, .csv or .txt file; received '{suffix or path.name}'", "path")
     try:
         limit = math.inf if max_values is None else max_values
         values = _read_npy(path, bits, limit) if suffix == ".npy" else _read_text(path, suffix, bits, limit)
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
+        raise InputError(f"{path}: no such file", "path") from None
     except IsADirectoryError:
-        raise ValueError(f"{path}: is a folder; expected a file") from None
+        raise InputError(f"{path}: is a folder; expected a file", "path") from None
     except OSError as e:
-        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})", "path") from None
     if values.size == 0:
-        raise ValueError(f"{path}: holds no numbers")
+        raise InputError(f"{path}: holds no numbers", "path")
     return values
 
 
 def _too_many(path: Path, limit: float) -> ValueError:
-    return ValueError(f"{path}: holds more than {limit:,} numbers, the most one sequence may have")
+    return InputError(f"{path}: holds more than {limit:,} numbers, the most one sequence may have", "path")
 
 
 def _read_text(path: Path, suffix: str, bits: bool, limit: float) -> np.ndarray:
@@ -111,7 +113,7 @@ def _read_text(path: Path, suffix: str, bits: bool, limit: float) -> np.ndarray:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+        raise InputError(f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})", "path") from None
     rows, count = [], 0  # per non-blank line: (line number, [values]); how many values in all
     for line_number, line in enumerate(text.split("\n"), 1):
         line = line.removesuffix("\r")
@@ -121,16 +123,16 @@ def _read_text(path: Path, suffix: str, bits: bool, limit: float) -> np.ndarray:
         for token, column in _fields(line, suffix):
             where = f"{path}: line {line_number}, column {column}"
             if not token:
-                raise ValueError(f"{where}: empty field; expected a number between the commas")
+                raise InputError(f"{where}: empty field; expected a number between the commas", "path")
             try:
                 value = parse_number(token)
             except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+                raise InputError(f"{where}: {e}", "path") from None
             if abs(value) < FLOAT32_TINY and re.search(r"[1-9]", token.lower().split("e")[0]):
-                raise ValueError(f"{where}: {_cut(token)} is below float32's range (smallest normal magnitude "
-                                 f"{FLOAT32_TINY:.4g}, where it would be read as 0); write 0, or scale the sequence")
+                raise InputError(f"{where}: {_cut(token)} is below float32's range (smallest normal magnitude "
+                                 f"{FLOAT32_TINY:.4g}, where it would be read as 0); write 0, or scale the sequence", "path")
             if bits and value not in (0.0, 1.0):
-                raise ValueError(f"{where}: {_cut(token)} is not 0 or 1 (the count network reads bits)")
+                raise InputError(f"{where}: {_cut(token)} is not 0 or 1 (the count network reads bits)", "path")
             row.append(value)
             count += 1
             if count > limit:
@@ -139,9 +141,9 @@ def _read_text(path: Path, suffix: str, bits: bool, limit: float) -> np.ndarray:
     if len(rows) > 1:
         for line_number, row in rows:
             if len(row) > 1:
-                raise ValueError(f"{path}: line {line_number}: {len(row)} numbers on one line of a "
+                raise InputError(f"{path}: line {line_number}: {len(row)} numbers on one line of a "
                                  f"{len(rows)}-line file; expected one sequence: all on one line, "
-                                 "or one number per line")
+                                 "or one number per line", "path")
     return np.asarray([v for _, row in rows for v in row], np.float64)
 
 
@@ -166,9 +168,9 @@ def _read_npy(path: Path, bits: bool, limit: float) -> np.ndarray:
     with open(path, "rb") as f:
         signature = f.read(6)
         if signature.startswith(b"PK"):
-            raise ValueError(f"{path}: holds an .npz archive; expected one array (np.save)")
+            raise InputError(f"{path}: holds an .npz archive; expected one array (np.save)", "path")
         if signature != b"\x93NUMPY":
-            raise ValueError(f"{path}: not a .npy file (it does not start with the .npy signature)")
+            raise InputError(f"{path}: not a .npy file (it does not start with the .npy signature)", "path")
         f.seek(0)
         try:
             version = np.lib.format.read_magic(f)
@@ -178,28 +180,28 @@ def _read_npy(path: Path, bits: bool, limit: float) -> np.ndarray:
                 warnings.simplefilter("ignore")
                 shape, _, dtype = read_header(f)
         except Exception as e:  # noqa: BLE001 -- numpy parses the header with tokenize and ast, which raise many kinds
-            raise ValueError(f"{path}: damaged .npy header ({_first_line(e)})") from None
+            raise InputError(f"{path}: damaged .npy header ({_first_line(e)})", "path") from None
         data_bytes = os.fstat(f.fileno()).st_size - f.tell()
     if not all(type(n) is int and n >= 0 for n in shape):
-        raise ValueError(f"{path}: damaged .npy header (shape {shape}; expected non-negative integers)")
+        raise InputError(f"{path}: damaged .npy header (shape {shape}; expected non-negative integers)", "path")
     if dtype.hasobject:
-        raise ValueError(f"{path}: holds Python objects (dtype {dtype}); expected an array of numbers")
+        raise InputError(f"{path}: holds Python objects (dtype {dtype}); expected an array of numbers", "path")
     if dtype.kind not in "biuf":
-        raise ValueError(f"{path}: expected real numbers; received dtype {dtype}")
+        raise InputError(f"{path}: expected real numbers; received dtype {dtype}", "path")
     if sum(n > 1 for n in shape) > 1:
-        raise ValueError(f"{path}: expected one sequence; received an array of shape {shape}")
+        raise InputError(f"{path}: expected one sequence; received an array of shape {shape}", "path")
     if math.prod(shape) > limit:
         raise _too_many(path, limit)
     needed = math.prod(shape) * dtype.itemsize
     if data_bytes < needed:
-        raise ValueError(f"{path}: cut short: its header promises {needed} bytes of data; "
-                         f"it holds {data_bytes}")
+        raise InputError(f"{path}: cut short: its header promises {needed} bytes of data; "
+                         f"it holds {data_bytes}", "path")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             values = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: damaged .npy file ({_first_line(e)})") from None
+        raise InputError(f"{path}: damaged .npy file ({_first_line(e)})", "path") from None
     values = values.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
         as_float = values.astype(np.float64)
@@ -210,10 +212,10 @@ def _read_npy(path: Path, bits: bool, limit: float) -> np.ndarray:
         index = int(np.flatnonzero(bad)[0])
         what = ("NaN" if np.isnan(as_float[index]) else
                 f"{str(values[index])} is {'below' if below[index] else 'beyond'} float32's range")
-        raise ValueError(f"{path}: index {index}: {what}; expected finite numbers within "
+        raise InputError(f"{path}: index {index}: {what}; expected finite numbers within "
                          f"float32's range, 0 or {FLOAT32_TINY:.4g} to {FLOAT32_MAX:.4g} in magnitude "
-                         f"({int(bad.sum())} such values)")
+                         f"({int(bad.sum())} such values)", "path")
     if bits and not np.isin(as_float, (0.0, 1.0)).all():
         index = int(np.flatnonzero(~np.isin(as_float, (0.0, 1.0)))[0])
-        raise ValueError(f"{path}: index {index}: {str(values[index])} is not 0 or 1 (the count network reads bits)")
+        raise InputError(f"{path}: index {index}: {str(values[index])} is not 0 or 1 (the count network reads bits)", "path")
     return as_float

@@ -12,16 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.data import Batch, count_batch, l1_batch
-from rnnjax.models import L1Norm, L1NormLearned, RunningCount
-from rnnjax.recipes import RECIPES, Recipe
-from rnnjax.recurrence import Method
-from rnnjax.sweep import SweepResult, sweep
-from rnnjax.train import SEED_LIMIT, FitResult, fit, fit_start, weight_elements
+from rnnjax.app import settings as table
+from rnnjax.core.checks import SEED_LIMIT, InputError
+from rnnjax.core.recurrence import Method
+from rnnjax.training.data import Batch, count_batch, l1_batch
+from rnnjax.training.fit import FitResult, LoopOptions, StepOptions, fit, fit_start, weight_elements
+from rnnjax.training.models import L1Norm, L1NormLearned, RunningCount
+from rnnjax.training.recipes import RECIPES, Recipe, network_watch
+from rnnjax.training.stopping import within
+from rnnjax.training.sweep import SweepResult, sweep
 
-__all__ = ["Task", "TASKS", "DEFAULT_RECIPE", "DEAD_SEED_TRIES", "SLOPE_TOL", "task_settings", "task_start",
-           "train_task", "train_until_live", "sweep_task", "network_params", "watched", "converged", "l1_check",
-           "count_check", "COUNT_MAX_LENGTH", "MAX_STEP_NUMBERS", "L1_EVAL_TOL"]
+__all__ = ["Task", "TASKS", "DEFAULT_RECIPE", "DEAD_SEED_TRIES", "SLOPE_TOL", "L1_EVAL_TOL", "task_settings",
+           "Parts", "parts", "task_start", "train_task", "train_until_live", "sweep_task", "network_params",
+           "watched", "converged", "l1_check", "count_check"]
 
 
 class Task(NamedTuple):
@@ -62,13 +65,8 @@ SLOPE_TOL = 1e-6
 # the SLOPE_TOL its converged slopes may be off by. A count is trusted while it rounds right.
 L1_EVAL_TOL = {"l1": 1e-6, "l1-learned": 1e-6 + SLOPE_TOL}
 
-# The most numbers one training step's inputs may hold (train: batch size x length; sweep: seeds
-# x batch size x length), refused before anything is compiled: beyond it the arrays do not fit a
-# machine's memory, and compiling for them ran for minutes before failing.
-MAX_STEP_NUMBERS = 10**8
-
 # The recipe `train`, `demo` and `sweep` use unless told otherwise: it converged from all 1,000
-# random inits of each task's weights that benchmarks/SWEEPS.md measured (rnnjax.recipes).
+# random inits of each task's weights that benchmarks/SWEEPS.md measured (rnnjax.training.recipes).
 DEFAULT_RECIPE = "squared"
 
 # A dead init (W_ih <= 0; only the "notebook" recipe has them) is a property of the draw: runs
@@ -77,71 +75,79 @@ DEFAULT_RECIPE = "squared"
 DEAD_SEED_TRIES = 20
 
 
-def task_settings(
-    task: str,
-    *,
-    recipe: str | None = None,
-    steps: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    length: int | None = None,
-    tol: float = 1e-9,
-    skip_nonfinite: int = 0,
-    dead_steps: int = 25,
-) -> dict[str, Any]:
-    """Returns every setting a run of ``task`` trains with: those given, the recipe's and the
-    task's for the rest.
+def task_settings(task: str, **given: Any) -> dict[str, Any]:
+    """Returns every setting a run of ``task`` trains with (``rnnjax.app.settings.RECORDED``
+    but "checkpoint_every"): those ``given`` (None: not given), each checked by its row of the
+    settings table, and the recipe's, the task's or the table's default for the rest.
 
     The default ``tol`` of 1e-9 is below float32's spacing at 1, so it asks for 1.0 itself:
     a 10,000-step L1 norm is 3e-4 off when ``W_hh`` is one ulp away from 1.
 
     Example:
       >>> settings = task_settings("count", lr=0.05)
-      >>> settings["recipe"], settings["length"], settings["steps"]
-      ('squared', 5, 3000)
+      >>> settings["recipe"], settings["length"], settings["steps"], settings["tol"]
+      ('squared', 5, 3000, 1e-09)
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}; received {task!r}")
-    spec, chosen = TASKS[task], _recipe(recipe)
-    return {"recipe": chosen.name, "steps": steps or chosen.steps, "lr": float(lr or chosen.lr), "b2": chosen.b2,
-            "batch_size": batch_size or chosen.batch_size, "length": length or spec.length,
-            "tol": float(tol), "skip_nonfinite": skip_nonfinite, "dead_steps": dead_steps}
+    table.check("task", task)
+    names = [name for name in table.RECORDED if name not in ("b2", "checkpoint_every")]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise InputError(f"task_settings takes {names}; received {unknown}.", unknown[0])
+    given = {name: table.check(name, value) for name, value in given.items() if value is not None}
+    recipe = RECIPES[given.get("recipe", DEFAULT_RECIPE)]
+    defaults = {"recipe": recipe.name, "steps": recipe.steps, "lr": recipe.lr, "batch_size": recipe.batch_size,
+                "length": TASKS[task].length, **{name: _table_default(name) for name in
+                                                 ("tol", "skip_nonfinite", "dead_steps")}}
+    settings = {name: given.get(name, defaults[name]) for name in names}
+    return {**settings, "lr": float(settings["lr"]), "tol": float(settings["tol"]), "b2": recipe.b2}
 
 
-def _recipe(recipe: str | Recipe | None) -> Recipe:
-    if recipe is None or isinstance(recipe, str):
-        if (recipe or DEFAULT_RECIPE) not in RECIPES:
-            raise ValueError(f"recipe must be one of {sorted(RECIPES)}; received {recipe!r}")
-        return RECIPES[recipe or DEFAULT_RECIPE]
-    return recipe
+def _table_default(name: str) -> Any:
+    default = table.SETTINGS[name].default
+    return default["train"] if isinstance(default, dict) else default
 
 
-class _Parts(NamedTuple):
+class _Draw(NamedTuple):
+    """``key -> Batch`` of a task, hashable by value (a fit's compiled program is cached on it)."""
+
+    batch: Callable[[jax.Array, int, int], Batch]
+    batch_size: int
+    length: int
+
+    def __call__(self, key: jax.Array) -> Batch:
+        return self.batch(key, self.batch_size, self.length)
+
+
+class Parts(NamedTuple):
+    """What a task is trained with, for given settings. Equal settings give equal parts, so that
+    every seed's fit reuses one compiled program."""
+
     network: Any  # a Reparametrized model: what is trained, and the weights it computes with
     optimizer: Any
-    draw: Callable[[jax.Array], Batch]
+    draw: _Draw
     watch: Callable[[Any], dict]  # trained parameters -> the numbers that must reach 1
     fresh_batches: bool
 
 
-@functools.lru_cache(maxsize=16)
-def _parts(task: str, recipe: Recipe, lr: float, batch_size: int, length: int) -> _Parts:
-    """The pieces a task is trained with: the same objects for the same settings, so that every
-    seed's fit reuses one compiled step."""
-    spec = TASKS[task]
+def parts(task: str, settings: dict) -> Parts:
+    """The parts ``task`` trains with under ``settings`` (``task_settings``)."""
+    spec, recipe = TASKS[task], RECIPES[settings["recipe"]]
     network = recipe.network(spec.model())
-    return _Parts(network, recipe.optimizer(lr), lambda key: spec.batch(key, batch_size, length),
-                  lambda params: spec.watch(network.transform(params)), recipe.fresh_batches)
+    return Parts(network, recipe.optimizer(settings["lr"]), _Draw(spec.batch, settings["batch_size"],
+                                                                   settings["length"]),
+                 network_watch(spec.watch, recipe.transform), recipe.fresh_batches)
 
 
-def _fit_parts(task: str, settings: dict) -> _Parts:
-    return _parts(task, _recipe(settings["recipe"]), settings["lr"], settings["batch_size"], settings["length"])
+def _step_options(task: str, settings: dict, devices: int | None) -> StepOptions:
+    chosen = parts(task, settings)
+    return StepOptions(watch=chosen.watch, fresh_batches=chosen.fresh_batches,
+                       skip_nonfinite=settings["skip_nonfinite"], devices=devices)
 
 
 def network_params(settings: dict, params: Any) -> Any:
     """Returns the weights the network computes with, from the parameters a run of
     ``settings``'s recipe trained (for "squared", ``W_ih = v*v``)."""
-    return _recipe(settings["recipe"]).transform(params)
+    return RECIPES[settings["recipe"]].transform(params)
 
 
 def watched(task: str, params: Any) -> dict[str, float]:
@@ -152,9 +158,7 @@ def watched(task: str, params: Any) -> dict[str, float]:
 def converged(task: str, settings: dict, params: Any) -> bool:
     """True when the network weights ``params`` have every number ``task`` watches within its
     tolerance of 1 (``settings["tol"]``, or ``Task.tolerances`` of it)."""
-    tolerance = _tolerances(task, settings["tol"])
-    return all(abs(value - 1.0) < (tolerance[name] if isinstance(tolerance, dict) else tolerance)
-               for name, value in watched(task, params).items())
+    return bool(within(TASKS[task].watch(params), 1.0, _tolerances(task, settings["tol"])))
 
 
 def _tolerances(task: str, tol: float) -> float | dict[str, float]:
@@ -162,38 +166,35 @@ def _tolerances(task: str, tol: float) -> float | dict[str, float]:
     return tol if spec.tolerances is None else spec.tolerances(tol)
 
 
-def task_start(task: str, settings: dict, *, seed: int) -> FitResult:
+def task_start(task: str, settings: dict, *, seed: int, abstract: bool = False) -> FitResult:
     """Returns where a run of ``task`` with ``settings`` starts from ``seed`` (``fit_start``):
-    the template to restore its checkpoints into."""
-    parts = _fit_parts(task, settings)
-    return fit_start(parts.network, parts.optimizer, parts.draw, seed=seed, skip_nonfinite=settings["skip_nonfinite"],
-                     watch=parts.watch, fresh_batches=parts.fresh_batches, devices=1)
+    the template to restore its checkpoints into (``abstract``: shapes only, nothing computed)."""
+    chosen = parts(task, settings)
+    return fit_start(chosen.network, chosen.optimizer, chosen.draw, seed=seed,
+                     options=_step_options(task, settings, devices=1), abstract=abstract)
 
 
-def train_task(task: str, *, seed: int, settings: dict | None = None, progress: bool = False,
-               **fit_options) -> FitResult:
+def train_task(task: str, *, seed: int, settings: dict | None = None, loop: LoopOptions = LoopOptions(),
+               start: FitResult | None = None, devices: int | None = None) -> FitResult:
     """Trains a task's network by its recipe until the numbers it watches are within
-    ``settings["tol"]`` of 1 (``task_settings``; None takes the defaults; ``Task.tolerances``
-    may loosen it for some of them).
+    ``settings["tol"]`` of 1 (``Task.tolerances`` may loosen it for some of them).
 
     Args:
       task: a key of ``TASKS``.
       seed: fixes the init and every batch.
-      settings: from ``task_settings``.
-      progress: show a progress bar.
-      **fit_options: ``start``, ``checkpoint_every``, ``on_checkpoint``, ``interrupt``,
-        ``devices`` (see ``fit``).
+      settings: from ``task_settings``; None takes the defaults.
+      loop, start: see ``fit``.
+      devices: spread each batch over this many devices (None: all).
 
     Returns:
       ``fit``'s ``FitResult``; its parameters are the trained ones (``network_params`` gives
       the network's weights).
     """
     settings = settings or task_settings(task)
-    parts = _fit_parts(task, settings)
-    return fit(parts.network, parts.optimizer, parts.draw, seed=seed, max_steps=settings["steps"], target_weight=1.0,
-               weight_tol=_tolerances(task, settings["tol"]), skip_nonfinite=settings["skip_nonfinite"],
-               dead_steps=settings["dead_steps"], progress=progress, watch=parts.watch,
-               fresh_batches=parts.fresh_batches, **fit_options)
+    chosen = parts(task, settings)
+    return fit(chosen.network, chosen.optimizer, chosen.draw, seed=seed, max_steps=settings["steps"],
+               target_weight=1.0, weight_tol=_tolerances(task, settings["tol"]), dead_steps=settings["dead_steps"],
+               options=_step_options(task, settings, devices), loop=loop, start=start)
 
 
 def train_until_live(
@@ -205,38 +206,33 @@ def train_until_live(
     start: FitResult | None = None,
     on_dead: Callable[[int, FitResult], None] | None = None,
     on_checkpoint: Callable[[int, FitResult], None] | None = None,
-    **train_options,
+    loop: LoopOptions = LoopOptions(),
+    devices: int | None = None,
 ) -> tuple[int, FitResult]:
     """Trains from ``first_seed``; on a dead init (a dead ReLU, or ``Task.dead_at_init``, seen
     before any step) calls ``on_dead(seed, result)`` and draws again from the next seed, at most
-    ``tries`` seeds in all.
+    ``tries`` seeds in all (none from ``2**31`` on, so that every seed a run records can be
+    given again).
 
     Args:
-      task, settings: see ``train_task``.
+      task, settings, loop, devices: see ``train_task``.
       first_seed: the first seed to try.
       tries: how many seeds to try.
       start: continues the first seed's run (see ``fit``).
       on_dead: called with ``(seed, result)`` for each dead seed but the last try.
-      on_checkpoint: called with ``(seed, snapshot)`` (see ``fit``).
-      **train_options: ``progress``, ``checkpoint_every``, ``interrupt``, ``devices``.
+      on_checkpoint: called with ``(seed, snapshot)`` every ``loop.checkpoint_every`` steps.
 
     Returns:
-      ``(seed, result)`` of the last seed tried: its stop_reason is "dead" only when every try was
-      (or the seeds ran out: none is drawn from ``SEED_LIMIT`` on, so that every seed a run
-      records can be given again).
+      ``(seed, result)`` of the last seed tried: its stop_reason is "dead" only when every try was.
     """
-    if tries < 1:
-        raise ValueError(f"tries must be positive; received {tries}")
-    if not 0 <= first_seed < SEED_LIMIT:
-        raise ValueError(f"first_seed must be in [0, 2**31); received {first_seed}")
     settings = settings or task_settings(task)
     last = min(first_seed + tries, SEED_LIMIT) - 1
     for seed in range(first_seed, last + 1):
-        checkpoint = None if on_checkpoint is None else functools.partial(on_checkpoint, seed)
+        seed_loop = loop if on_checkpoint is None else loop._replace(
+            on_checkpoint=functools.partial(on_checkpoint, seed))
         result = _dead_at_init(task, settings, seed) if start is None else None
         if result is None:
-            result = train_task(task, seed=seed, settings=settings, start=start, on_checkpoint=checkpoint,
-                                **train_options)
+            result = train_task(task, seed=seed, settings=settings, loop=seed_loop, start=start, devices=devices)
         start = None
         if result.stop_reason != "dead" or seed == last:
             break
@@ -255,48 +251,39 @@ def _dead_at_init(task: str, settings: dict, seed: int) -> FitResult | None:
     return start._replace(stop_reason="dead") if dead else None
 
 
-def sweep_task(
-    task: str,
-    *,
-    seeds: int,
-    recipe: str | Recipe | None = None,
-    steps: int | None = None,
-    lr: float | None = None,
-    tol: float = 1e-3,
-    first_seed: int = 0,
-    data_seed: int | None = None,
-    devices: int | None = None,
-    progress: bool = False,
-) -> tuple[dict, SweepResult]:
-    """Trains ``task`` from ``seeds`` seeds at once by its recipe (``rnnjax.sweep``); seed ``s``
-    is ``train_task``'s run from ``s`` (without redrawing dead seeds), trained to the end.
+def sweep_task(task: str, *, seeds: int, settings: dict | None = None, first_seed: int = 0,
+               data_seed: int | None = None, devices: int | None = None,
+               progress: bool = False) -> tuple[dict, SweepResult]:
+    """Trains ``task`` from ``seeds`` seeds at once by its recipe (``rnnjax.training.sweep``);
+    seed ``s`` is ``train_task``'s run from ``s`` (without redrawing dead seeds), trained to
+    the end, and converged once every watched number is within ``settings["tol"]`` of 1.
 
     Args:
       task: a key of ``TASKS``.
       seeds: how many seeds, from ``first_seed`` on.
-      recipe: a name in ``RECIPES`` (None: ``DEFAULT_RECIPE``) or a ``Recipe``.
-      steps, lr: the budget and the peak learning rate (None: the recipe's).
-      tol: a seed converged once every watched number is within ``tol`` of 1.
+      settings: ``task_settings(task, ...)``; None: ``task_settings(task, tol=1e-3)``.
       first_seed, data_seed, devices, progress: see ``sweep``.
 
     Returns:
       ``(settings, result)``: every setting used (JSON-able), and the ``SweepResult``.
 
     Example:
-      >>> settings, result = sweep_task("count", seeds=4, steps=200)
+      >>> settings, result = sweep_task("count", seeds=4, settings=task_settings("count", steps=200, tol=1e-3))
       >>> settings["recipe"], result.outcome.tolist()
       ('squared', ['converged', 'converged', 'converged', 'converged'])
     """
-    chosen = _recipe(recipe)
-    settings = {**task_settings(task, steps=steps, lr=lr, tol=tol), "recipe": chosen.name, "b2": chosen.b2,
-                "seeds": seeds, "first_seed": first_seed, "data_seed": data_seed}
-    for name in ("skip_nonfinite", "dead_steps"):  # fit's stop rules: a sweep trains to the end
-        del settings[name]
-    parts = _parts(task, chosen, settings["lr"], settings["batch_size"], settings["length"])
-    result = sweep(parts.network, parts.optimizer, parts.draw, seeds=seeds, steps=settings["steps"],
-                   first_seed=first_seed, fresh_batches=parts.fresh_batches, data_seed=data_seed,
-                   weights=parts.watch, tol=tol, devices=devices, progress=progress)
-    return {**settings, "devices": result.devices}, result
+    settings = settings or task_settings(task, tol=_sweep_tol())
+    chosen = parts(task, settings)
+    result = sweep(chosen.network, chosen.optimizer, chosen.draw, seeds=seeds, steps=settings["steps"],
+                   first_seed=first_seed, fresh_batches=chosen.fresh_batches, data_seed=data_seed,
+                   watch=chosen.watch, tol=settings["tol"], devices=devices, progress=progress)
+    recorded = {k: v for k, v in settings.items() if k not in ("skip_nonfinite", "dead_steps")}  # fit's alone
+    return {**recorded, "seeds": seeds, "first_seed": first_seed, "data_seed": data_seed,
+            "devices": result.devices}, result
+
+
+def _sweep_tol() -> float:
+    return table.SETTINGS["tol"].default["sweep"]
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -311,19 +298,16 @@ def l1_check(params: Any, sequence: np.ndarray, method: Method = "auto", *,
              task: str = "l1") -> tuple[float, float, float]:
     """Returns ``(predicted, exact, relative_error)`` of the L1 norm of one sequence by the
     network of ``task`` ("l1" or "l1-learned") with weights ``params``; ``exact`` is the float64
-    sum of ``|x|``. Raises ``ValueError`` when that is beyond float32's range."""
+    sum of ``|x|``. Raises ``InputError`` when that is beyond float32's range."""
     exact = float(np.abs(np.asarray(sequence, np.float64)).sum())
     with np.errstate(over="ignore"):
         representable = np.isfinite(np.float32(exact))  # rounds to a finite float32 (3.4028235e38 does)
     if not representable:
-        raise ValueError(f"the L1 norm of this sequence, {exact:.9g}, is beyond float32's range "
-                         f"(largest {_FLOAT32_MAX:.9g}), where the network computes")
+        raise InputError(f"the L1 norm of this sequence, {exact:.9g}, is beyond float32's range "
+                         f"(largest {_FLOAT32_MAX:.9g}), where the network computes", "sequence")
     model = TASKS[task].model(method=method)
     predicted = float(_apply(model)(params, jnp.asarray(sequence, jnp.float32)[None])[0])
     return predicted, exact, abs(predicted - exact) / max(exact, np.finfo(np.float64).tiny)
-
-
-COUNT_MAX_LENGTH = 2**24  # float32 counts are exact up to here
 
 
 def count_check(params: Any, bits: np.ndarray, method: Method = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -331,9 +315,9 @@ def count_check(params: Any, bits: np.ndarray, method: Method = "auto") -> tuple
     ``(batch, time)`` of 0s and 1s, at most ``2**24`` long (float32 counts are exact up to there)."""
     bits = np.asarray(bits, np.float32)
     if not np.isin(bits, (0.0, 1.0)).all():
-        raise ValueError(f"bits must be 0 or 1; received values from {bits.min():g} to {bits.max():g}")
-    if bits.ndim != 2 or bits.shape[1] > COUNT_MAX_LENGTH:
-        raise ValueError(f"bits must be (batch, time) with time at most 2**24 = 16,777,216 (float32 "
-                         f"counts are exact up to there); received shape {bits.shape}")
+        raise InputError(f"bits must be 0 or 1; received values from {bits.min():g} to {bits.max():g}", "bits")
+    if bits.ndim != 2 or bits.shape[1] > table.COUNT_MAX_LENGTH:
+        raise InputError(f"bits must be (batch, time) with time at most 2**24 = 16,777,216 (float32 counts are "
+                         f"exact up to there); received shape {bits.shape}", "bits")
     predicted = _apply(RunningCount(method=method))(params, jnp.asarray(bits))
     return np.asarray(predicted), np.cumsum(bits, axis=1)

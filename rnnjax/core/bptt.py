@@ -20,7 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rnnjax.masking import length_mask
+from rnnjax.core import checks
+from rnnjax.core.masking import length_mask
 
 __all__ = ["forward", "loss", "grad"]
 
@@ -35,7 +36,11 @@ def forward(w_ih, w_hh, xs, lengths=None) -> tuple[jax.Array, jax.Array]:
       xs: ``(batch, time)`` inputs.
       lengths: ``(batch,)`` integers; None means every sequence is full.
     """
-    mask = _mask(xs, lengths)
+    xs, lengths = _checked(xs, lengths)
+    return _forward(w_ih, w_hh, xs, length_mask(lengths, xs.shape[1]))
+
+
+def _forward(w_ih, w_hh, xs, mask):
     xs = jnp.where(mask, xs, 0)  # padding, NaN included, must reach neither values nor gradients
 
     def step(h, inputs):
@@ -57,8 +62,10 @@ def loss(w_ih, w_hh, xs, targets, lengths=None) -> jax.Array:
       >>> float(loss(1.0, 1.0, xs, jnp.cumsum(xs, axis=1)))
       0.0
     """
-    _, h = forward(w_ih, w_hh, xs, lengths)
-    return 0.5 * jnp.sum(jnp.where(_mask(xs, lengths), h - targets, 0) ** 2)
+    xs, lengths = _checked(xs, lengths)
+    mask = length_mask(lengths, xs.shape[1])
+    _, h = _forward(w_ih, w_hh, xs, mask)
+    return 0.5 * jnp.sum(jnp.where(mask, h - targets, 0) ** 2)
 
 
 def grad(w_ih, w_hh, xs, targets, lengths=None) -> tuple[jax.Array, jax.Array]:
@@ -79,9 +86,10 @@ def grad(w_ih, w_hh, xs, targets, lengths=None) -> tuple[jax.Array, jax.Array]:
       >>> [float(g) for g in grad(1.0, 1.0, xs, jnp.zeros((1, 2)))]  # h = (1, 2)
       [5.0, 2.0]
     """
-    mask = _mask(xs, lengths)
+    xs, lengths = _checked(xs, lengths)
+    mask = length_mask(lengths, xs.shape[1])
     xs = jnp.where(mask, xs, 0)  # as in forward: padding must not reach the sums below
-    z, h = forward(w_ih, w_hh, xs, lengths)
+    z, h = _forward(w_ih, w_hh, xs, mask)
     errors = jnp.where(mask, h - targets, 0)
     fired = mask & (z > 0)
     # Factor carrying lam_{t+1} back to step t: W_hh [z_{t+1} > 0], zero after the last step.
@@ -100,7 +108,6 @@ def grad(w_ih, w_hh, xs, targets, lengths=None) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(deltas * xs), jnp.sum(deltas * previous)
 
 
-def _mask(xs, lengths):
-    if lengths is None:
-        return jnp.ones(xs.shape, bool)
-    return length_mask(lengths, xs.shape[1])
+def _checked(xs, lengths):
+    xs = checks.floating_array("xs", xs, shapes=("(batch, time)",))
+    return xs, checks.lengths(lengths, *xs.shape)

@@ -22,9 +22,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from rnnjax.data import Batch
-from rnnjax.devices import device_mesh
-from rnnjax.train import SEED_LIMIT, TrainState, init_state, make_train_step, squared_error, weight_elements
+from rnnjax.core import checks
+from rnnjax.training.data import Batch
+from rnnjax.training.devices import device_mesh
+from rnnjax.training.fit import TrainState, init_state, make_train_step, squared_error, weight_elements
+from rnnjax.training.stopping import StopRules, reason, stop_code, within
 
 __all__ = ["OUTCOMES", "SweepResult", "sweep", "summarize", "loss_landscape"]
 
@@ -96,13 +98,13 @@ def sweep(
     first_seed: int = 0,
     fresh_batches: bool = True,
     data_seed: int | None = None,
-    weights: Callable[[Any], dict[str, jax.Array]] = weight_elements,
+    watch: Callable[[Any], dict[str, jax.Array]] = weight_elements,
     target: float = 1.0,
     tol: float = 1e-3,
     devices: int | None = None,
     chunk: int = 100,
     tracked: int = 8,
-    progress: bool = True,
+    progress: bool = False,
 ) -> SweepResult:
     """Trains one model per seed, all at once, for ``steps`` steps each.
 
@@ -125,7 +127,7 @@ def sweep(
         all; only the inits differ, and a batch is drawn once per step rather than once per
         seed and step (on a CPU, drawing 80 normal numbers per seed and step costs several
         times the training step itself).
-      weights: ``params -> {name: scalar}``, the weights that must reach ``target``; for a
+      watch: ``params -> {name: scalar}``, the weights that must reach ``target``; for a
         reparametrised model, the weights the network computes with.
       target: the value every watched weight should reach.
       tol: a seed converged once every watched weight is within ``tol`` of ``target``.
@@ -139,28 +141,27 @@ def sweep(
 
     Example:
       >>> import jax, optax
-      >>> from rnnjax.data import count_batch
-      >>> from rnnjax.models import RunningCount
+      >>> from rnnjax.training.data import count_batch
+      >>> from rnnjax.training.models import RunningCount
       >>> result = sweep(RunningCount(), optax.adam(0.1), lambda k: count_batch(k, 8, 5),
       ...                seeds=16, steps=300, progress=False)
       >>> sorted(set(result.outcome)) <= ["converged", "dead", "stuck"], result.outcome.shape
       (True, (16,))
     """
-    for name, value in (("seeds", seeds), ("steps", steps), ("chunk", chunk)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; received {value!r}.")
-    if not 0 <= first_seed or first_seed + seeds > SEED_LIMIT:
-        raise ValueError(f"seeds must lie in [0, 2**31); received {first_seed} to "
-                         f"{first_seed + seeds - 1}.")
-    if data_seed is not None and not 0 <= data_seed < SEED_LIMIT:
-        raise ValueError(f"data_seed must lie in [0, 2**31); received {data_seed}.")
+    seeds, steps, chunk = (checks.integer(name, value) for name, value in
+                           (("seeds", seeds), ("steps", steps), ("chunk", chunk)))
+    first_seed = checks.seed("first_seed", first_seed)
+    checks.seed("the last seed, first_seed + seeds - 1", first_seed + seeds - 1)
+    data_seed = None if data_seed is None else checks.seed("data_seed", data_seed)
+    tracked = checks.integer("tracked", tracked, low=0)
+    rules = StopRules.checked(max_steps=steps, target_weight=target, weight_tol=tol, dead_steps=1)
     mesh = device_mesh(devices, axis="seeds")
     per_seed, replicated = NamedSharding(mesh, P("seeds")), NamedSharding(mesh, P())
     padded = math.ceil(seeds / mesh.size) * mesh.size
     tracked = min(tracked, seeds)
     chunk = min(chunk, steps)
-    start, run_chunk, finish = _program(model, optimizer, data, fresh_batches, data_seed, weights,
-                                        target, tol, tracked, chunk)
+    start, run_chunk, finish = _program(model, optimizer, data, fresh_batches, data_seed, watch,
+                                        rules, tracked, chunk)
     # Everything but the carries comes back replicated: every host then holds all of it.
     start_all = jax.jit(lambda first: start(first + jnp.arange(padded, dtype=jnp.int32)),
                         out_shardings=(per_seed, replicated))
@@ -183,22 +184,21 @@ def sweep(
     last = jax.device_get(jax.jit(finish, out_shardings=replicated)(carries))
     seconds = time.perf_counter() - began
 
-    final, converged_at, loss, grad_norm, finite, params = jax.tree.map(lambda a: a[:seeds], last)
+    final, converged_at, loss, code, params = jax.tree.map(lambda a: a[:seeds], last)
     initial = {k: v[:seeds] for k, v in initial.items()}
     seen = jax.device_get(seen)
     trajectories = {name: np.concatenate([initial[name][:tracked, None]] +
                                          [weights_seen[name].T for weights_seen, _ in seen], axis=1)
                     for name in initial}
     trajectories["loss"] = np.concatenate([loss_seen.T for _, loss_seen in seen], axis=1)
-    diverged = ~(finite & np.isfinite(loss))
     return SweepResult(
         seeds=np.arange(first_seed, first_seed + seeds),
         initial_weights=initial,
         final_weights=final,
         final_params=params,
         final_loss=loss,
-        outcome=np.select([converged_at >= 0, diverged, (grad_norm == 0) & (loss > 0)],
-                          ["converged", "diverged", "dead"], "stuck"),
+        outcome=np.where(converged_at >= 0, "converged",
+                         np.array([reason(c) or "stuck" for c in code.tolist()], dtype=object)).astype(str),
         converged_at=converged_at,
         trajectories=trajectories,
         steps=steps,
@@ -211,7 +211,7 @@ def sweep(
     )
 
 
-def _program(model, optimizer, data, fresh_batches, data_seed, weights, target, tol, tracked, chunk):
+def _program(model, optimizer, data, fresh_batches, data_seed, watch, rules: StopRules, tracked, chunk):
     """Returns the three pieces of a sweep, each over every seed at once:
     ``start(seeds) -> (carries, initial_weights)``; ``run_chunk(carries, done, active)``, which
     advances every seed ``active <= chunk`` steps from step ``done`` and returns the tracked
@@ -235,7 +235,7 @@ def _program(model, optimizer, data, fresh_batches, data_seed, weights, target, 
 
     def advance(carry: _Carry, batch: Batch) -> _Carry:
         state, metrics = train_step(carry.state, batch)
-        first = (carry.converged_at < 0) & _within(weights(state.params), target, tol)
+        first = (carry.converged_at < 0) & within(watch(state.params), rules.target_weight, rules.weight_tol)
         return carry._replace(state=state, converged_at=jnp.where(first, state.step, carry.converged_at),
                               loss=metrics["loss"], grad_norm=metrics["grad_norm"])
 
@@ -257,20 +257,26 @@ def _program(model, optimizer, data, fresh_batches, data_seed, weights, target, 
             # lax.map, not vmap: XLA compiles a vmapped threefry several times slower
             batches = jax.lax.map(lambda key: batch_at(jax.random.fold_in(key, 0)), carries.data_key)
             carries = carries._replace(fixed_batch=batches)
-        return carries, jax.vmap(weights)(carries.state.params)
+        return carries, jax.vmap(watch)(carries.state.params)
 
     def run_chunk(carries: _Carry, done: jax.Array, active: jax.Array):
         def body(carries, i):
             carries = jax.lax.cond(i < active, advance_all, lambda c, _: c, carries, done + i)
-            seen = jax.vmap(weights)(jax.tree.map(lambda a: a[:tracked], carries.state.params))
+            seen = jax.vmap(watch)(jax.tree.map(lambda a: a[:tracked], carries.state.params))
             return carries, (seen, carries.loss[:tracked])
 
         return jax.lax.scan(body, carries, jnp.arange(chunk))
 
+    def outcome_code(carry: _Carry):  # the rules after the last step; dead_steps is 1 here
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(w)) for w in jax.tree.leaves(carry.state.params)]))
+        dead = (carry.grad_norm == 0) & (carry.loss > 0)
+        return stop_code(rules, diverged=~(finite & jnp.isfinite(carry.loss)), watched=watch(carry.state.params),
+                         loss=carry.loss, dead_run=dead.astype(jnp.int32))
+
     def finish(carries: _Carry):
         params = carries.state.params
-        return (jax.vmap(weights)(params), carries.converged_at, carries.loss, carries.grad_norm,
-                _finite(params), params)
+        return (jax.vmap(watch)(params), carries.converged_at, carries.loss, jax.vmap(outcome_code)(carries),
+                params)
 
     return start, run_chunk, finish
 
@@ -303,7 +309,8 @@ def summarize(result: SweepResult) -> dict[str, Any]:
         "devices": result.devices,
         "counts": counts,
         "fractions": {name: count / n for name, count in counts.items()},
-        "within_tol_at_end": float(np.mean(_within(result.final_weights, result.target, result.tol))),
+        "within_tol_at_end": float(np.mean(jax.vmap(within, (0, None, None))(result.final_weights, result.target,
+                                                                               result.tol))),
         "steps_to_converge": {name: float(np.percentile(converged_at, q)) if converged_at.size
                               else None for name, q in quantiles},
         "seconds": result.seconds,
@@ -319,8 +326,8 @@ def loss_landscape(model: Any, batch: Batch, w_ih: np.ndarray, w_hh: np.ndarray)
 
     Example:
       >>> import numpy as np, jax
-      >>> from rnnjax.data import count_batch
-      >>> from rnnjax.models import RunningCount
+      >>> from rnnjax.training.data import count_batch
+      >>> from rnnjax.training.models import RunningCount
       >>> grid = np.linspace(0, 2, 5)
       >>> loss = loss_landscape(RunningCount(), count_batch(jax.random.key(0), 8, 5), grid, grid)
       >>> loss.shape, float(loss[2, 2])  # W_ih = W_hh = 1 counts exactly
@@ -334,28 +341,3 @@ def loss_landscape(model: Any, batch: Batch, w_ih: np.ndarray, w_hh: np.ndarray)
 
     grid = jax.vmap(jax.vmap(loss, (0, None)), (None, 0))
     return np.asarray(jax.jit(grid)(jnp.asarray(w_ih, jnp.float32), jnp.asarray(w_hh, jnp.float32)))
-
-
-def _within(named: dict[str, Any], target: float, tol: float) -> Any:
-    """True when every value is within ``tol`` of ``target`` (False for NaN); jax or NumPy.
-
-    Decided exactly for any ``tol``, also one below the weights' dtype (``1e-50`` in float32:
-    only ``target`` itself is within): ``|w - target| < tol`` is ``<=`` the largest value of
-    that dtype below ``tol``, where a comparison with ``tol`` cast to the dtype would round."""
-    xp = jnp if any(isinstance(w, jax.Array) for w in named.values()) else np
-    return xp.all(xp.stack([xp.abs(w - target) <= _largest_below(tol, w.dtype) for w in named.values()]), axis=0)
-
-
-def _largest_below(bound: float, dtype: Any) -> np.ndarray:
-    """The largest value of ``dtype`` less than ``bound`` (a positive Python float)."""
-    rounded = np.asarray(bound, dtype)
-    return rounded if float(rounded) < bound else np.nextafter(rounded, np.zeros((), dtype))
-
-
-def _finite(params) -> jax.Array:
-    """``(seeds,)``: True where every parameter of the seed is finite."""
-    leaves = [jnp.isfinite(leaf).reshape(leaf.shape[0], -1).all(axis=1)
-              for leaf in jax.tree.leaves(params)]
-    return jnp.all(jnp.stack(leaves), axis=0)
-
-

@@ -3,77 +3,66 @@ counts of a binary sequence."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rnnjax.cell import PRECISION, ReLUCell
-from rnnjax.masking import check_lengths, length_mask
-from rnnjax.recurrence import Method, check_sequences, resolve_method, rnn
+from rnnjax.core import checks
+from rnnjax.core.cell import PRECISION, ReLUCell
+from rnnjax.core.masking import length_mask
+from rnnjax.core.recurrence import METHODS, Method, resolve_method, run
 
 __all__ = ["L1Norm", "RunningCount", "L1NormLearned"]
 
-
-def _scalar_sequences(xs) -> jax.Array:
-    """Returns ``xs`` as ``(batch, time, 1)``, from ``(batch, time)`` or ``(batch, time, 1)``."""
-    xs = check_sequences(xs)
-    if xs.ndim == 2:
-        return xs[..., None]
-    if xs.ndim == 3 and xs.shape[-1] == 1:
-        return xs
-    raise ValueError(
-        f"xs must have shape (batch, time) or (batch, time, 1); received shape {xs.shape}. "
-        "For a single sequence use xs[None]."
-    )
-
-
-def _check_weights(module: nn.Module, expected: dict[str, tuple[int, ...]]) -> None:
-    """Refuses variables whose weights are not ``expected`` (path -> shape) or not floating point,
-    quoting both; flax's own errors name one scope at a time, or the wrong one."""
-    if module.is_initializing():
-        return
-    model = type(module).__name__
-    if module.variables and "params" not in module.variables:
-        raise ValueError(f"{model}: the variables must be {{'params': weights}}, as {model}().init returns them; "
-                         f"received a dict with keys {sorted(module.variables)}. Weights alone go in as "
-                         "{'params': weights}.")
-    flat = jax.tree_util.tree_flatten_with_path(module.variables.get("params", {}))[0]
-    weights = {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
-    received = {name: tuple(jnp.shape(w)) for name, w in sorted(weights.items())}
-    if received != expected:
-        raise ValueError(f"{model}: the variables must hold the weights {model}().init makes, {{'params': ...}} "
-                         f"with {expected}; received {received}.")
-    for name, w in weights.items():
-        if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
-            raise TypeError(f"{model}: weights must be floating point; received {jnp.result_type(w)} for "
-                            f"{name}. Cast them with jax.tree.map(lambda w: w.astype(jnp.float32), variables).")
-
-
-_CELL = {"cell/W_hh": (1, 1), "cell/W_ih": (1, 1)}
+_SCALAR_CELL = {"cell/W_hh": (1, 1), "cell/W_ih": (1, 1)}
 
 
 class _Model(nn.Module):
-    """A seed network: ``apply`` refuses variables that are not a dict before flax reads them."""
+    """A seed network: ``apply`` checks the variables against ``WEIGHTS`` (path -> shape) before
+    flax reads them, and ``__call__`` checks ``xs``, ``lengths`` and ``method`` through
+    ``_arguments``; what runs after trusts them."""
+
+    WEIGHTS: ClassVar[dict[str, tuple[int, ...]]] = _SCALAR_CELL
 
     def apply(self, variables, *args, **kwargs):
-        if not isinstance(variables, Mapping):
-            model = type(self).__name__
-            raise TypeError(f"{model}.apply: variables must be a dict, {{'params': weights}}, as {model}().init "
-                            f"returns them; received {type(variables).__name__}.")
+        expected = {"params": _nest(self.WEIGHTS)}
+        checks.variables(f"{type(self).__name__} variables", variables, expected,
+                         fix=f" Pass what {type(self).__name__}().init returns.")
         return super().apply(variables, *args, **kwargs)
 
+    def _arguments(self, xs, lengths) -> tuple[jax.Array, jax.Array, str]:
+        """``xs`` as ``(batch, time, 1)``, ``lengths`` as int32 and the method for this length."""
+        method = checks.choice("method", self.method, METHODS)
+        xs = checks.floating_array("xs", xs, shapes=("(batch, time)", "(batch, time, 1)"))
+        if xs.ndim == 3 and xs.shape[-1] != 1:
+            raise checks.InputError(f"xs must have shape (batch, time) or (batch, time, 1); received shape "
+                                    f"{xs.shape}. For a single sequence use xs[None].", "xs")
+        xs = xs.reshape(*xs.shape[:2], 1)
+        lengths = checks.lengths(lengths, *xs.shape[:2])
+        return xs, lengths, resolve_method(ReLUCell(1), method, time=xs.shape[1])
 
-def _scalar_cell_rnn(module: nn.Module, xs: jax.Array, lengths, method: Method):
-    """Runs a ``ReLUCell(1)`` owned by ``module`` (its weights under "cell") over ``xs``."""
-    cell = ReLUCell(features=1)
-    resolve_method(cell, method)  # a bad method fails before any weight is created
-    weights = module.param(
-        "cell",
-        lambda key: cell.init(key, cell.initialize_carry(key, xs[:, 0].shape), xs[:, 0])["params"],
-    )
-    return rnn(cell, {"params": weights}, xs, lengths, method=method)
+    def _scalar_cell(self, xs: jax.Array, lengths: jax.Array, method: str):
+        """Runs a ``ReLUCell(1)`` whose weights are this module's "cell" over ``xs``."""
+        cell = ReLUCell(features=1)
+        weights = self.param(
+            "cell",
+            lambda key: cell.init(key, cell.initialize_carry(key, xs[:, 0].shape), xs[:, 0])["params"],
+        )
+        return run(cell, {"params": weights}, xs, lengths, None, method)
+
+
+def _nest(flat: dict[str, tuple[int, ...]]) -> dict:
+    """``{"cell/W_ih": shape}`` -> ``{"cell": {"W_ih": shape}}`` of ShapeDtypeStructs."""
+    nested: dict = {}
+    for path, shape in flat.items():
+        *scopes, leaf = path.split("/")
+        node = nested
+        for scope in scopes:
+            node = node.setdefault(scope, {})
+        node[leaf] = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return nested
 
 
 class L1Norm(_Model):
@@ -107,10 +96,9 @@ class L1Norm(_Model):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
-        _check_weights(self, _CELL)
-        xs = _scalar_sequences(xs)
+        xs, lengths, method = self._arguments(xs, lengths)
         magnitudes = jnp.where(xs < 0, -xs, xs)
-        final_state, _ = _scalar_cell_rnn(self, magnitudes, lengths, self.method)
+        final_state, _ = self._scalar_cell(magnitudes, lengths, method)
         return final_state[:, 0]
 
 
@@ -142,8 +130,8 @@ class RunningCount(_Model):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
-        _check_weights(self, _CELL)
-        _, states = _scalar_cell_rnn(self, _scalar_sequences(xs), lengths, self.method)
+        xs, lengths, method = self._arguments(xs, lengths)
+        _, states = self._scalar_cell(xs, lengths, method)
         return states[..., 0]
 
 
@@ -175,6 +163,7 @@ class L1NormLearned(_Model):
     """
 
     method: Method = "auto"
+    WEIGHTS: ClassVar[dict[str, tuple[int, ...]]] = {**_SCALAR_CELL, "cell/W_ih": (2, 1), "dense/kernel": (1, 2)}
 
     @nn.compact
     def __call__(self, xs: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
@@ -184,16 +173,14 @@ class L1NormLearned(_Model):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
-        _check_weights(self, {"cell/W_hh": (1, 1), "cell/W_ih": (2, 1), "dense/kernel": (1, 2)})
-        xs = _scalar_sequences(xs)
-        if lengths is not None:  # the dense layer sees no padding, so nothing depends on it (NaN included)
-            lengths = check_lengths(lengths, *xs.shape[:2])
-            xs = jnp.where(length_mask(lengths, xs.shape[1])[..., None], xs, 0)
+        xs, lengths, method = self._arguments(xs, lengths)
+        # the dense layer sees no padding, so nothing depends on it (NaN included)
+        xs = jnp.where(length_mask(lengths, xs.shape[1])[..., None], xs, 0)
         # PyTorch's nn.Linear init, U(-1/sqrt(in), 1/sqrt(in)), like the cell's.
         init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
         units = nn.relu(nn.Dense(2, use_bias=False, kernel_init=init, name="dense",
                                  precision=PRECISION)(xs))
-        final_state, _ = _scalar_cell_rnn(self, units, lengths, self.method)
+        final_state, _ = self._scalar_cell(units, lengths, method)
         return final_state[:, 0]
 
     @staticmethod

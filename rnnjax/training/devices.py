@@ -14,6 +14,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rnnjax.core import checks
+
 __all__ = ["device_mesh", "shard_leading_axis", "replicate"]
 
 
@@ -26,14 +28,12 @@ def device_mesh(devices: int | None = None, *, axis: str = "batch") -> Mesh:
       (('seeds',), 1)
     """
     available = jax.devices()
-    if devices is None:
-        devices = len(available)
-    if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or not (
-            1 <= devices <= len(available)):
-        raise ValueError(
-            f"devices must be an integer from 1 to {len(available)} (the {jax.default_backend()} "
-            f"devices JAX sees); received {devices!r}. On a CPU, set "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts to get N.")
+    try:
+        devices = len(available) if devices is None else checks.integer("devices", devices, high=len(available))
+    except checks.InputError as e:
+        raise checks.InputError(f"{e} JAX sees {len(available)} {jax.default_backend()} device(s); on a CPU, "
+                                "set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts "
+                                "to get N.", "devices") from None
     return Mesh(np.array(available[:devices]), (axis,))
 
 
@@ -56,10 +56,10 @@ def shard_leading_axis(tree: Any, mesh: Mesh) -> Any:
     """
     for leaf in jax.tree.leaves(tree):
         if np.ndim(leaf) == 0 or np.shape(leaf)[0] % mesh.size:
-            raise ValueError(
+            raise checks.InputError(
                 f"every array must have a first axis divisible by the {mesh.size} devices; "
                 f"received shape {np.shape(leaf)}. Use a batch size that is a multiple of "
-                f"{mesh.size}, or fewer devices.")
+                f"{mesh.size}, or fewer devices.", "devices")
     return jax.device_put(tree, NamedSharding(mesh, P(mesh.axis_names[0])))
 
 
