@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench bench-core clean
+.PHONY: demo test test-all bench bench-core clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/rnnjax demo
 
+# The fast tier: 3 minutes or less on 2 CPU cores once .venv is installed.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Everything, the slow tier and the thorough hypothesis profile included (12 minutes or less); CI runs it.
+test-all: $(VENV)/.installed
+	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q
 
 # The whole suite, accuracy up to 1e8 steps included: about 5 to 10 minutes on 2 CPU cores.
 bench: $(VENV)/.installed-bench

@@ -54,11 +54,16 @@ def integer(name: str, value: Any, *, low: int = 1, high: int | None = None) -> 
     except TypeError:
         number_ = None
     if number_ is None or number_ < low or (high is not None and number_ > high):
-        expected = (f"an integer >= {low}" if high is None else f"an integer from {low} to {high:,}")
-        if low == 1 and high is None:
-            expected = "a positive integer"
-        raise InputError(f"{name} must be {expected}; received {_show(value)}.", name)
+        raise InputError(f"{name} must be {_integers(low, high)}; received {_show(value)}.", name)
     return number_
+
+
+def _integers(low: int, high: int | None) -> str:
+    """The integers of ``[low, high]`` in words: "a positive integer", "an integer >= 0 below 2**31"."""
+    words = {0: "an integer >= 0", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+    if high is None:
+        return words
+    return f"{words} below 2**31" if high == 2**31 - 1 else f"an integer from {low} to {high:,}"
 
 
 def seed(name: str, value: Any) -> int:
