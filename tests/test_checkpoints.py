@@ -10,10 +10,10 @@ import optax
 import pytest
 
 from rnnjax import RunningCount
-from rnnjax.checkpoints import (checkpoint_info, checkpoint_steps, delete_checkpoints, restore_checkpoint,
+from rnnjax.training.checkpoints import (checkpoint_info, checkpoint_steps, delete_checkpoints, restore_checkpoint,
                                 save_checkpoint)
-from rnnjax.data import count_batch
-from rnnjax.train import fit, fit_start
+from rnnjax.training.data import count_batch
+from rnnjax.training.fit import LoopOptions, StepOptions, fit, fit_start
 
 SEED = 3
 ADAM = optax.adam(0.1)
@@ -25,15 +25,15 @@ def draw(key):
 
 
 def template(skip_nonfinite=0):
-    return fit_start(RunningCount(), ADAM, draw, seed=SEED, skip_nonfinite=skip_nonfinite)
+    return fit_start(RunningCount(), ADAM, draw, seed=SEED, options=StepOptions(skip_nonfinite=skip_nonfinite))
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A checkpoint folder with the snapshots at steps 20, 40 and 60 and the fit they came from."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    result = fit(RunningCount(), ADAM, draw, seed=SEED, max_steps=60, checkpoint_every=20, progress=False,
-                 on_checkpoint=lambda r: save_checkpoint(folder, r, seed=SEED, run=RUN))
+    result = fit(RunningCount(), ADAM, draw, seed=SEED, max_steps=60,
+                 loop=LoopOptions(checkpoint_every=20, on_checkpoint=lambda r: save_checkpoint(folder, r, seed=SEED, run=RUN)))
     return folder, result
 
 
@@ -52,7 +52,7 @@ def test_a_checkpoint_restores_bitwise_and_the_fit_goes_on_as_before(saved):
     assert_same(restored, result)
     assert restored.stop_reason == "running"
     middle = restore_checkpoint(folder, 20, template())
-    assert_same(fit(RunningCount(), ADAM, draw, seed=SEED, max_steps=60, start=middle, progress=False), result)
+    assert_same(fit(RunningCount(), ADAM, draw, seed=SEED, max_steps=60, start=middle), result)
 
 
 def test_step_zero_and_keep(tmp_path):
@@ -60,7 +60,7 @@ def test_step_zero_and_keep(tmp_path):
     save_checkpoint(tmp_path, start, seed=SEED, run=RUN, keep=2)
     assert_same(restore_checkpoint(tmp_path, 0, template()), start)
     for steps in (10, 20, 30):
-        result = fit(RunningCount(), ADAM, draw, seed=SEED, max_steps=steps, progress=False)
+        result = fit(RunningCount(), ADAM, draw, seed=SEED, max_steps=steps)
         save_checkpoint(tmp_path, result, seed=SEED, run=RUN, keep=2)
     assert checkpoint_steps(tmp_path) == [20, 30]
     save_checkpoint(tmp_path, result, seed=SEED, run={"other": 1}, keep=2)  # step 30 is kept as it was
@@ -139,7 +139,7 @@ def test_restoring_does_not_depend_on_jax_arrays_left_over(saved):
 
 
 def test_a_file_that_cannot_be_written_is_named_and_nothing_is_left_half_written(tmp_path):
-    from rnnjax.runs import write_atomically
+    from rnnjax.app.folders import write_atomically
 
     path = tmp_path / "metrics.json"
     path.write_text("old")

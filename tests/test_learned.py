@@ -9,8 +9,8 @@ import pytest
 from reference import numpy_rnn
 
 from rnnjax import L1NormLearned
-from rnnjax.data import l1_batch
-from rnnjax.recipes import RECIPES, sweep_recipe
+from rnnjax.training.data import l1_batch
+from rnnjax.training.recipes import RECIPES, sweep_recipe
 
 METHODS = ("sequential", "parallel", "auto")
 
@@ -88,7 +88,7 @@ def _equations(jaxpr):
 
 def test_trains_from_random_inits_then_computes_long_l1_norms():
     result = sweep_recipe(RECIPES["squared"], L1NormLearned(), lambda key, n: l1_batch(key, n, 10),
-                          seeds=8, data_seed=0, watch=L1NormLearned.function_weights, progress=False)
+                          seeds=8, data_seed=0, watch=L1NormLearned.function_weights)
     converged = result.outcome == "converged"
     initial = result.initial_weights
     both_ways = (initial["slope_pos"] > 0) & (initial["slope_neg"] > 0)

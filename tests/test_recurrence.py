@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given
 from reference import numpy_rnn
 
 from rnnjax import ReLUCell, rnn
+from rnnjax.core import checks
 
 METHODS = ("sequential", "parallel")
 
@@ -39,15 +40,14 @@ def run(cell, params, xs, lengths, h0, method):
     return _rnn(cell, params, jnp.asarray(xs), lengths, initial_state=h0, method=method)
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    batch=st.integers(2, 5),
-    time=st.sampled_from([1, 2, 5, 17]),
-    features=st.integers(1, 4),
-    initial=st.booleans(),
-)
-def test_sequential_matches_numpy(seed, batch, time, features, initial):
+# A few fixed shapes, (batch, time, features): each compiles once; hypothesis varies the values,
+# lengths, weights and initial states, which the jitted functions take as traced arguments.
+SHAPES = [(4, 17, 3), (2, 1, 1), (3, 40, 1)]
+
+
+@pytest.mark.parametrize("batch, time, features", SHAPES)
+@given(seed=st.integers(0, 2**32 - 1), initial=st.booleans())
+def test_sequential_matches_numpy(batch, time, features, seed, initial):
     cell, params, xs, lengths, h0 = draw_case(seed, batch, time, features, initial=initial)
     final_state, states = run(cell, params, xs, lengths, h0, "sequential")
     expected = numpy_rnn(params["params"]["W_ih"], params["params"]["W_hh"], xs, lengths, h0)
@@ -56,17 +56,10 @@ def test_sequential_matches_numpy(seed, batch, time, features, initial):
     chex.assert_trees_all_close((final_state, states), expected, rtol=1e-5, atol=1e-5)
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    batch=st.integers(2, 5),
-    time=st.sampled_from([1, 2, 3, 8, 40]),
-    features=st.integers(1, 3),
-    diagonal=st.booleans(),
-    initial=st.booleans(),
-)
-def test_parallel_matches_numpy_and_sequential(seed, batch, time, features, diagonal, initial):
-    features = features if diagonal else 1
+@pytest.mark.parametrize("batch, time, features", SHAPES)
+@given(seed=st.integers(0, 2**32 - 1), initial=st.booleans())
+def test_parallel_matches_numpy_and_sequential(batch, time, features, seed, initial):
+    diagonal = features > 1  # the parallel method takes scalar and diagonal cells
     cell, params, xs, lengths, h0 = draw_case(seed, batch, time, features, diagonal, initial)
     parallel = run(cell, params, xs, lengths, h0, "parallel")
     expected = numpy_rnn(params["params"]["W_ih"], params["params"]["W_hh"], xs, lengths, h0)
@@ -84,9 +77,9 @@ def loss(params, xs, h0, lengths, cell, method):
 grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnames=("cell", "method"))
 
 
-@settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), time=st.sampled_from([1, 2, 9, 30]), diagonal=st.booleans())
-def test_parallel_gradients_match_the_float64_loop(seed, time, diagonal):
+@pytest.mark.parametrize("time, diagonal", [(30, False), (9, True)])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_parallel_gradients_match_the_float64_loop(time, diagonal, seed):
     """Against the loop in float64, not the float32 loop: each float32 method can be within the
     tolerance of exact and twice it from the other (seed 1,989,764,020, T = 30: d/dW_hh 35.13070
     parallel, 35.13157 sequential, 35.13119 exact)."""
@@ -141,6 +134,7 @@ def test_lengths_none_means_full_and_jit_needs_no_retrace():
                                     run(cell, params, xs, lengths, None, "sequential"))
 
 
+@pytest.mark.slow
 def test_parallel_is_accurate_on_a_million_steps():
     """Tree-order evaluation keeps float32 within 1e-6 of the float64 L1 norm at T = 1e6."""
     xs = np.abs(np.random.default_rng(3).normal(size=(1, 10**6, 1))).astype(np.float32)
@@ -197,33 +191,34 @@ def test_any_flax_cell_with_an_array_carry_runs_sequentially_with_masking():
         rnn(cell, params, xs, method="parallel")
 
 
-@settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([1.5, 2.0, 3.0]))
 def test_parallel_stays_exact_when_long_spans_of_weights_overflow(seed, scale):
-    """|W_hh| > 1 over 300 steps: span slopes like 2**300 overflow float32, while the loop's
-    states stay finite because the ReLU keeps resetting them. Both methods must agree."""
+    """W_hh < -1 over 300 steps: span slopes like 2**300 overflow float32, while the loop's
+    states stay finite because the ReLU keeps resetting them (a negative weight sends every
+    large state to 0). Both methods must agree. (For W_hh > 1 the loop's own states overflow:
+    outside the domain, see rnnjax.core.parallel.)"""
     rng = np.random.default_rng(seed)
-    w_hh = np.float32(scale * rng.choice([-1.0, 1.0]))
+    w_hh = np.float32(-scale)
     xs = rng.normal(size=(3, 300, 1)).astype(np.float32) - 0.5
     lengths = np.array([300, 171, 0])
     params = {"params": {"W_ih": jnp.ones((1, 1)), "W_hh": jnp.full((1, 1), w_hh)}}
     h0 = rng.uniform(0, 1, size=(3, 1)).astype(np.float32)
     expected = numpy_rnn(params["params"]["W_ih"], params["params"]["W_hh"], xs, lengths, h0)
-    if not all(np.isfinite(e).all() and np.abs(e).max() < 1e30 for e in expected):
-        return  # the loop itself overflows: nothing to compare
+    assume(all(np.isfinite(e).all() and np.abs(e).max() < 1e30 for e in expected))  # the loop in range
     parallel = run(ReLUCell(1), params, xs, lengths, h0, "parallel")
     chex.assert_tree_all_finite(parallel)
     chex.assert_trees_all_close(parallel, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.int64, np.uint32])
 @pytest.mark.parametrize("method", METHODS)
-def test_lengths_of_any_integer_type(dtype, method):
+def test_lengths_of_any_integer_type(method):
     cell, params, xs, _, _ = draw_case(4, 2, 300, 1)
-    lengths = np.array([100, 127], dtype)
-    expected = numpy_rnn(params["params"]["W_ih"], params["params"]["W_hh"], xs, lengths)
-    chex.assert_trees_all_close(rnn(cell, params, jnp.asarray(xs), lengths, method=method), expected,
-                                rtol=1e-4, atol=1e-5)
+    expected = numpy_rnn(params["params"]["W_ih"], params["params"]["W_hh"], xs, np.array([100, 127]))
+    for dtype in (np.int8, np.uint8, np.int16, np.int64, np.uint32):
+        lengths = np.array([100, 127], dtype)
+        chex.assert_trees_all_equal(checks.lengths(lengths, 2, 300), jnp.array([100, 127], jnp.int32))
+    chex.assert_trees_all_close(rnn(cell, params, jnp.asarray(xs), np.array([100, 127], np.uint8), method=method),
+                                expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -8,10 +8,10 @@ import optax
 import pytest
 
 from rnnjax import L1Norm, RunningCount
-from rnnjax.data import count_batch, l1_batch
-from rnnjax.recipes import Reparametrized, square_input_weights
-from rnnjax.train import (_loss, fit, fit_start, init_state, make_train_step, seed_keys, squared_error,
-                          weight_elements)
+from rnnjax.training.data import count_batch, l1_batch
+from rnnjax.training.recipes import Reparametrized, square_input_weights
+from rnnjax.training.fit import (LoopOptions, StepOptions, _loss, fit, fit_start, init_state, make_train_step, seed_keys,
+                                 squared_error, weight_elements)
 
 LIVE_SEED = 3  # its init has W_ih > 0; seed 0's has W_ih <= 0 (a dead ReLU)
 ADAM = optax.adam(0.1)  # one object, so that fits share their compiled step
@@ -23,7 +23,7 @@ def cell_weights(params):
 
 
 def test_train_step_never_retraces():
-    model, optimizer = L1Norm(), optax.adam(0.1)
+    model, optimizer = L1Norm(), ADAM
     step = make_train_step(model, optimizer)
     state = init_state(model, optimizer, jax.random.key(0), l1_batch(jax.random.key(1), 8, 10))
     chex.clear_trace_counter()
@@ -44,10 +44,11 @@ def test_squared_error_ignores_steps_past_each_length():
     assert float(squared_error(jnp.ones(2), jnp.zeros(2), jnp.array([1, 1]))) == 1.0
 
 
+@pytest.mark.slow
 def test_l1_network_learns_unit_weights_and_generalises():
     batch = l1_batch(jax.random.key(LIVE_SEED), batch_size=8, max_length=10)
-    result = fit(L1Norm(), optax.adam(0.1), batch, seed=LIVE_SEED, max_steps=3000,
-                 target_weight=1.0, weight_tol=1e-5, progress=False)
+    result = fit(L1Norm(), ADAM, batch, seed=LIVE_SEED, max_steps=3000,
+                 target_weight=1.0, weight_tol=1e-5)
     assert result.stop_reason == "weights"
     w_ih, w_hh = cell_weights(result.state.params)
     assert abs(w_ih - 1) < 1e-5 and abs(w_hh - 1) < 1e-5
@@ -55,8 +56,8 @@ def test_l1_network_learns_unit_weights_and_generalises():
 
     # Training on until the weights are exactly 1.0 in float32 (a tolerance below one ulp) is
     # what a 10,000-step sum needs: W_hh one ulp off 1 already costs ~3e-4 relative there.
-    result = fit(L1Norm(), optax.adam(0.1), batch, seed=LIVE_SEED, max_steps=3000,
-                 target_weight=1.0, weight_tol=1e-9, progress=False)
+    result = fit(L1Norm(), ADAM, batch, seed=LIVE_SEED, max_steps=3000,
+                 target_weight=1.0, weight_tol=1e-9)
     assert result.stop_reason == "weights" and cell_weights(result.state.params) == (1.0, 1.0)
     model, params = L1Norm(), result.state.params
     assert float(model.apply(params, jnp.array([[3.0, -5.0, 7.0, -2.0]]))[0]) == pytest.approx(17, abs=1e-4)
@@ -68,8 +69,8 @@ def test_l1_network_learns_unit_weights_and_generalises():
 
 def test_running_count_network_counts_held_out_sequences():
     batch = count_batch(jax.random.key(LIVE_SEED), batch_size=4, length=5)  # seed 003's size
-    result = fit(RunningCount(), optax.adam(0.1), batch, seed=LIVE_SEED, max_steps=3000,
-                 target_weight=1.0, weight_tol=1e-6, progress=False)
+    result = fit(RunningCount(), ADAM, batch, seed=LIVE_SEED, max_steps=3000,
+                 target_weight=1.0, weight_tol=1e-6)
     assert result.stop_reason == "weights"
     held_out = count_batch(jax.random.key(999), batch_size=4, length=5)
     outputs = RunningCount().apply(result.state.params, held_out.xs)
@@ -78,8 +79,8 @@ def test_running_count_network_counts_held_out_sequences():
 
 def test_dead_relu_is_reported_not_looped_on():
     batch = l1_batch(jax.random.key(0), 8, 10)
-    result = fit(L1Norm(), optax.adam(0.1), batch, seed=0, max_steps=10_000,
-                 target_weight=1.0, progress=False, sync_every=7, dead_steps=10)
+    result = fit(L1Norm(), ADAM, batch, seed=0, max_steps=10_000,
+                 target_weight=1.0, dead_steps=10, loop=LoopOptions(sync_every=7))
     w_ih, _ = cell_weights(result.initial_params)
     assert w_ih <= 0 and result.stop_reason == "dead" and result.steps == 10
     assert np.all(result.history["grad_norm"] == 0) and np.all(result.history["loss"] > 0)
@@ -87,15 +88,15 @@ def test_dead_relu_is_reported_not_looped_on():
 
 
 def test_fit_is_reproducible_and_honours_budget_and_loss_rules():
-    kwargs = dict(seed=LIVE_SEED, max_steps=40, progress=False, sync_every=7)
+    kwargs = dict(seed=LIVE_SEED, max_steps=40, loop=LoopOptions(sync_every=7))
     draw = lambda key: l1_batch(key, 8, 10)  # noqa: E731  a fresh batch every step
-    one, two = (fit(L1Norm(), optax.adam(0.1), draw, **kwargs) for _ in range(2))
+    one, two = (fit(L1Norm(), ADAM, draw, **kwargs) for _ in range(2))
     assert one.stop_reason == "budget" and one.steps == 40
     chex.assert_trees_all_equal(one.state.params, two.state.params)
     chex.assert_trees_all_equal(one.history, two.history)
     np.testing.assert_array_equal(one.history["step"], np.arange(1, 41))
     loss_tol = float(np.sort(one.history["loss"])[5])
-    stopped = fit(L1Norm(), optax.adam(0.1), draw, loss_tol=loss_tol, **kwargs)
+    stopped = fit(L1Norm(), ADAM, draw, loss_tol=loss_tol, **kwargs)
     assert stopped.stop_reason == "loss" and stopped.history["loss"][-1] <= loss_tol
     assert np.all(stopped.history["loss"][:-1] > loss_tol)
     chex.assert_trees_all_equal(stopped.history["loss"], one.history["loss"][: stopped.steps])
@@ -103,13 +104,13 @@ def test_fit_is_reproducible_and_honours_budget_and_loss_rules():
 
 def test_fit_rejects_bad_sizes():
     batch = l1_batch(jax.random.key(0), 2, 3)
-    with pytest.raises(ValueError, match=r"max_steps must be an integer >= 1; received 0\.$"):
+    with pytest.raises(ValueError, match=r"max_steps must be a positive integer; received 0\.$"):
         fit(L1Norm(), ADAM, batch, seed=0, max_steps=0)
-    with pytest.raises(ValueError, match=r"sync_every must be an integer >= 1; received 2.5\.$"):
-        fit(L1Norm(), ADAM, batch, seed=0, max_steps=5, sync_every=2.5)
+    with pytest.raises(ValueError, match=r"sync_every must be a positive integer; received 2.5\.$"):
+        fit(L1Norm(), ADAM, batch, seed=0, max_steps=5, loop=LoopOptions(sync_every=2.5))
     with pytest.raises(ValueError, match=r"skip_nonfinite must be an integer >= 0; received -1\.$"):
-        fit(L1Norm(), ADAM, batch, seed=0, max_steps=5, skip_nonfinite=-1)
-    start = fit(L1Norm(), ADAM, batch, seed=0, max_steps=5, progress=False)
+        fit(L1Norm(), ADAM, batch, seed=0, max_steps=5, options=StepOptions(skip_nonfinite=-1))
+    start = fit(L1Norm(), ADAM, batch, seed=0, max_steps=5)
     with pytest.raises(ValueError, match=r"start has taken 5 steps, more than max_steps=4\.$"):
         fit(L1Norm(), ADAM, batch, seed=0, max_steps=4, start=start)
 
@@ -129,11 +130,11 @@ def test_loss_tol_is_checked_on_the_returned_states_own_loss():
     # one update later, had a loss of 4.9e-3. Now each logged loss is the returned state's own.
     model, optimizer = RunningCount(), ADAM
     batch = count_batch(jax.random.key(0), batch_size=8, length=5)
-    result = fit(model, optimizer, batch, seed=LIVE_SEED, max_steps=3000, loss_tol=1e-3, progress=False)
+    result = fit(model, optimizer, batch, seed=LIVE_SEED, max_steps=3000, loss_tol=1e-3)
     assert result.stop_reason == "loss"
     own_loss = float(_loss(model, result.state.params, batch))
     assert own_loss == result.history["loss"][-1] <= 1e-3
-    drawn = fit(model, optimizer, draw_count, seed=LIVE_SEED, max_steps=3000, loss_tol=1e-3, progress=False)
+    drawn = fit(model, optimizer, draw_count, seed=LIVE_SEED, max_steps=3000, loss_tol=1e-3)
     last_batch = draw_count(jax.random.fold_in(seed_keys(LIVE_SEED)[1], drawn.steps - 1))
     assert float(_loss(model, drawn.state.params, last_batch)) == drawn.history["loss"][-1] <= 1e-3
 
@@ -143,7 +144,7 @@ def test_a_diverging_fit_stops_with_the_last_finite_state():
     # is ~1e22, whose square (Adam's second moment) overflows float32.
     model, optimizer = RunningCount(), optax.adam(3.0)
     draw = lambda key: count_batch(key, 8, 20)  # noqa: E731
-    kwargs = dict(seed=LIVE_SEED, target_weight=1.0, progress=False)
+    kwargs = dict(seed=LIVE_SEED, target_weight=1.0)
     result = fit(model, optimizer, draw, max_steps=500, **kwargs)
     assert result.stop_reason == "diverged" and result.steps == 1
     assert all(np.isfinite(v).all() for v in result.history.values())
@@ -164,11 +165,12 @@ def nan_sometimes(key):
     return batch._replace(xs=jnp.where(broken, jnp.nan, batch.xs))
 
 
+@pytest.mark.slow
 def test_non_finite_updates_are_skipped_and_counted_when_asked():
-    kwargs = dict(seed=LIVE_SEED, max_steps=3000, target_weight=1.0, weight_tol=1e-6, progress=False)
+    kwargs = dict(seed=LIVE_SEED, max_steps=3000, target_weight=1.0, weight_tol=1e-6)
     guarded = fit(RunningCount(), ADAM, nan_sometimes, **kwargs)
     assert guarded.stop_reason == "diverged"
-    skipping = fit(RunningCount(), ADAM, nan_sometimes, skip_nonfinite=3, **kwargs)
+    skipping = fit(RunningCount(), ADAM, nan_sometimes, options=StepOptions(skip_nonfinite=3), **kwargs)
     assert skipping.stop_reason == "weights"
     skipped = skipping.history["skipped"]
     assert skipping.steps == len(skipped) and skipped.sum() > 0
@@ -178,22 +180,21 @@ def test_non_finite_updates_are_skipped_and_counted_when_asked():
     assert np.isfinite(skipping.history["loss"][~skipped]).all()
     # More non-finite steps in a row than allowed: apply_if_finite gives up, and the fit diverges.
     always = lambda key: nan_sometimes(key)._replace(xs=jnp.full((8, 5), jnp.nan))  # noqa: E731
-    gave_up = fit(RunningCount(), ADAM, always, skip_nonfinite=2, **kwargs)
+    gave_up = fit(RunningCount(), ADAM, always, options=StepOptions(skip_nonfinite=2), **kwargs)
     assert gave_up.stop_reason == "diverged" and gave_up.steps == 2 and gave_up.history["skipped"].all()
 
 
 def test_a_fit_continued_from_a_snapshot_ends_bitwise_as_the_uninterrupted_one():
-    kwargs = dict(seed=LIVE_SEED, max_steps=3000, target_weight=1.0, weight_tol=1e-9, progress=False)
+    kwargs = dict(seed=LIVE_SEED, max_steps=3000, target_weight=1.0, weight_tol=1e-9)
     snapshots = []
-    whole = fit(RunningCount(), ADAM, draw_count, checkpoint_every=40,
-                on_checkpoint=snapshots.append, **kwargs)
+    whole = fit(RunningCount(), ADAM, draw_count, loop=LoopOptions(checkpoint_every=40, on_checkpoint=snapshots.append), **kwargs)
     assert whole.stop_reason == "weights" and [s.steps for s in snapshots] == list(range(40, whole.steps, 40))
     assert all(s.stop_reason == "running" and len(s.history["loss"]) == s.steps for s in snapshots)
     for snapshot in (snapshots[0], snapshots[-1]):
-        assert_same_fit(fit(RunningCount(), ADAM, draw_count, start=snapshot, sync_every=9,
+        assert_same_fit(fit(RunningCount(), ADAM, draw_count, start=snapshot, loop=LoopOptions(sync_every=9),
                             **kwargs), whole)
     polls = iter(range(10**6))
-    stopped = fit(RunningCount(), ADAM, draw_count, interrupt=lambda: next(polls) >= 30, **kwargs)
+    stopped = fit(RunningCount(), ADAM, draw_count, loop=LoopOptions(interrupt=lambda: next(polls) >= 30), **kwargs)
     assert stopped.stop_reason == "interrupted" and stopped.steps == 30
     assert_same_fit(fit(RunningCount(), ADAM, draw_count, start=stopped, **kwargs), whole)
     # a start that had already converged (a run killed after its final checkpoint) stops there
@@ -201,19 +202,20 @@ def test_a_fit_continued_from_a_snapshot_ends_bitwise_as_the_uninterrupted_one()
                     whole)
 
 
+@pytest.mark.slow
 def test_stop_rules_do_not_depend_on_how_often_the_host_syncs():
-    kwargs = dict(seed=0, max_steps=500, target_weight=1.0, progress=False)
+    kwargs = dict(seed=0, max_steps=500, target_weight=1.0)
     for data in (draw_count, l1_batch(jax.random.key(0), 8, 10)):
         model = RunningCount() if data is draw_count else L1Norm()
-        runs = [fit(model, ADAM, data, sync_every=n, **kwargs) for n in (1, 7, 25)]
+        runs = [fit(model, ADAM, data, loop=LoopOptions(sync_every=n), **kwargs) for n in (1, 7, 25)]
         for other in runs[1:]:
             assert_same_fit(other, runs[0])
 
 
 def test_fit_start_is_the_template_of_every_later_state():
-    start = fit_start(RunningCount(), ADAM, draw_count, seed=LIVE_SEED, skip_nonfinite=2)
+    start = fit_start(RunningCount(), ADAM, draw_count, seed=LIVE_SEED, options=StepOptions(skip_nonfinite=2))
     later = fit(RunningCount(), ADAM, draw_count, seed=LIVE_SEED, max_steps=3,
-                skip_nonfinite=2, progress=False)
+                options=StepOptions(skip_nonfinite=2))
     assert jax.tree.structure(start.state) == jax.tree.structure(later.state)
     assert {k: v.dtype for k, v in start.history.items()} == {k: v.dtype for k, v in later.history.items()}
     chex.assert_trees_all_equal(start.initial_params, later.initial_params)
@@ -224,26 +226,26 @@ def test_fit_watches_the_weights_a_reparametrised_network_computes_with():
     watch = lambda params: weight_elements(network.transform(params))  # noqa: E731
     draw = lambda key: l1_batch(key, 8, 10)  # noqa: E731
     result = fit(network, ADAM, draw, seed=0, max_steps=3000, target_weight=1.0, weight_tol=1e-3,
-                 watch=watch, progress=False)
+                 options=StepOptions(watch=watch))
     v = float(result.initial_params["params"]["cell"]["W_ih"][0, 0])
     assert v < 0 and result.history["cell/W_ih"][0] >= 0  # seed 0 draws v < 0: W_ih = v*v is not dead
     assert result.stop_reason == "weights"
     assert all(abs(w - 1) < 1e-3 for w in watch(result.state.params).values())
     # a tolerance per watched weight: W_hh held to 1e-3, W_ih let off entirely
-    loose = fit(network, optax.adam(0.1), draw, seed=0, max_steps=3000, target_weight=1.0,
-                weight_tol={"cell/W_ih": 10.0, "cell/W_hh": 1e-3}, watch=watch, progress=False)
+    loose = fit(network, ADAM, draw, seed=0, max_steps=3000, target_weight=1.0,
+                weight_tol={"cell/W_ih": 10.0, "cell/W_hh": 1e-3}, options=StepOptions(watch=watch))
     assert loose.stop_reason == "weights" and loose.steps <= result.steps
     assert abs(loose.history["cell/W_hh"][-1] - 1) < 1e-3
     with pytest.raises(ValueError, match=r"weight_tol must name every watched weight, \['cell/W_hh', 'cell/W_ih'\]; "
                                          r"received \['cell/W_ih'\]"):
-        fit(network, optax.adam(0.1), draw, seed=0, max_steps=5, target_weight=1.0, weight_tol={"cell/W_ih": 1.0},
-            watch=watch, progress=False)
+        fit(network, ADAM, draw, seed=0, max_steps=5, target_weight=1.0, weight_tol={"cell/W_ih": 1.0},
+            options=StepOptions(watch=watch))
 
 
 def test_fit_keeps_the_seeds_first_batch_when_batches_are_not_fresh():
     draw = lambda key: count_batch(key, 8, 5)  # noqa: E731
-    kept = fit(RunningCount(), optax.adam(0.1), draw, seed=3, max_steps=30, fresh_batches=False, progress=False)
+    kept = fit(RunningCount(), ADAM, draw, seed=3, max_steps=30, options=StepOptions(fresh_batches=False))
     first = draw(jax.random.fold_in(seed_keys(3)[1], 0))
-    given = fit(RunningCount(), optax.adam(0.1), first, seed=3, max_steps=30, progress=False)
+    given = fit(RunningCount(), ADAM, first, seed=3, max_steps=30)
     chex.assert_trees_all_equal(kept.state, given.state)
     chex.assert_trees_all_equal(kept.history, given.history)

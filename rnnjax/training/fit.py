@@ -385,8 +385,8 @@ def fit(
                               loss_tol=loss_tol, dead_steps=dead_steps)
     spec = _spec(model, optimizer, data, rules, _checked_options(options))
     seed, loop = checks.seed("seed", seed), _checked_loop(loop)
-    start = _start(spec, data, seed) if start is None else start
-    _check_start(start, spec, rules)
+    _check_tolerances(spec, data, seed)
+    start = _start(spec, data, seed) if start is None else _checked_start(start, rules)
     return _run(spec, data, seed, rules, loop, start)
 
 
@@ -398,17 +398,25 @@ def _checked_loop(loop: LoopOptions) -> LoopOptions:
                          checkpoint_every=None if every is None else checks.integer("checkpoint_every", every))
 
 
-def _check_start(start: FitResult, spec: _Spec, rules: StopRules) -> None:
+def _checked_start(start: FitResult, rules: StopRules) -> FitResult:
     if not isinstance(start, FitResult):
         raise checks.InputError(f"start must be a FitResult; received {type(start).__name__}.", "start")
     if start.steps > rules.max_steps:
         raise checks.InputError(f"start has taken {start.steps} steps, more than max_steps={rules.max_steps}.",
                                 "start")
-    if isinstance(rules.weight_tol, tuple):
-        names = sorted(jax.eval_shape(functools.partial(_weights, spec), start.state.params))
-        if [name for name, _ in rules.weight_tol] != names:
-            raise checks.InputError(f"weight_tol must name every watched weight, {names}; received "
-                                    f"{[name for name, _ in rules.weight_tol]}.", "weight_tol")
+    return start
+
+
+def _check_tolerances(spec: _Spec, data, seed: int) -> None:
+    """Refuses a ``weight_tol`` mapping that does not name every watched weight (traced only)."""
+    if not isinstance(spec.rules.weight_tol, tuple):
+        return
+    params = _start(spec._replace(rules=StopRules(1)), data, seed, abstract=True).state.params
+    names = sorted(jax.eval_shape(functools.partial(_weights, spec), params))
+    given = [name for name, _ in spec.rules.weight_tol]
+    if given != names:
+        raise checks.InputError(f"weight_tol must name every watched weight, {names}; received {given}.",
+                                "weight_tol")
 
 
 def _run(spec: _Spec, data, seed: int, rules: StopRules, loop: LoopOptions, start: FitResult) -> FitResult:

@@ -76,7 +76,8 @@ def _tolerance(name: str, value: Any) -> float:
 
 def within(watched: dict[str, jax.Array], target: float, tol: float | tuple | Mapping) -> jax.Array:
     """True when every element of every watched array is within ``tol`` of ``target`` (False
-    for NaN); ``tol`` is one number, or one per name (a mapping or its sorted pairs).
+    for NaN); ``tol`` is one number, or one per name (a mapping or its sorted pairs). JAX arrays
+    give a JAX boolean (jittable), NumPy ones a NumPy boolean in their own dtype.
 
     Decided exactly for any ``tol``, also one below the weights' dtype (``1e-50`` in float32:
     only ``target`` itself is within): ``|w - target| < tol`` is ``<=`` the largest value of
@@ -88,8 +89,9 @@ def within(watched: dict[str, jax.Array], target: float, tol: float | tuple | Ma
       (False, True)
     """
     tolerances = dict(tol) if isinstance(tol, (tuple, Mapping)) else {}
-    return jnp.all(jnp.stack([
-        jnp.all(jnp.abs(w - target) <= _largest_below(tolerances.get(name, tol), jnp.result_type(w)))
+    xp = jnp if any(isinstance(w, jax.Array) for w in watched.values()) else np  # NumPy keeps float64
+    return xp.all(xp.stack([
+        xp.all(xp.abs(w - target) <= _largest_below(tolerances.get(name, tol), xp.result_type(w)))
         for name, w in watched.items()]))
 
 

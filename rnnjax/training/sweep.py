@@ -309,8 +309,8 @@ def summarize(result: SweepResult) -> dict[str, Any]:
         "devices": result.devices,
         "counts": counts,
         "fractions": {name: count / n for name, count in counts.items()},
-        "within_tol_at_end": float(np.mean(jax.vmap(within, (0, None, None))(result.final_weights, result.target,
-                                                                               result.tol))),
+        "within_tol_at_end": float(np.mean([within({k: v[i] for k, v in result.final_weights.items()},
+                                                   result.target, result.tol) for i in range(n)])),
         "steps_to_converge": {name: float(np.percentile(converged_at, q)) if converged_at.size
                               else None for name, q in quantiles},
         "seconds": result.seconds,
