@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import machine  # noqa: E402
 
 from rnnjax import L1Norm, ReLUCell  # noqa: E402
-from rnnjax.recurrence import resolve_method  # noqa: E402
-from rnnjax.runs import write_atomically  # noqa: E402
+from rnnjax.core.recurrence import resolve_method  # noqa: E402
+from rnnjax.app.folders import write_atomically  # noqa: E402
 
 METHODS = ("sequential", "parallel", "auto")
 UNIT_WEIGHTS = {"params": {"cell": {"W_ih": jnp.ones((1, 1)), "W_hh": jnp.ones((1, 1))}}}

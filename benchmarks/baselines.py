@@ -11,8 +11,8 @@ import numpy as np
 import optax
 
 from rnnjax import L1Norm, ReLUCell
-from rnnjax.data import Batch
-from rnnjax.train import init_state, make_train_step
+from rnnjax.training.data import Batch
+from rnnjax.training.fit import init_state, make_train_step
 
 
 def problem(time: int, batch: int, seed: int = 0):

@@ -38,8 +38,8 @@ import baselines  # noqa: E402
 from timing import machine, measure, measure_alternating  # noqa: E402
 
 from rnnjax import ReLUCell  # noqa: E402
-from rnnjax.recurrence import AUTO_PARALLEL_FROM, resolve_method  # noqa: E402
-from rnnjax.runs import write_atomically  # noqa: E402
+from rnnjax.core.recurrence import AUTO_PARALLEL_FROM, resolve_method  # noqa: E402
+from rnnjax.app.folders import write_atomically  # noqa: E402
 
 SEQUENTIAL, PARALLEL = "rnnjax sequential", "rnnjax blocked parallel"
 IMPLEMENTATIONS = {

@@ -26,12 +26,13 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import machine  # noqa: E402
 
-from rnnjax.recipes import RECIPES, Recipe  # noqa: E402
-from rnnjax.runs import write_atomically  # noqa: E402
-from rnnjax.sweep import SweepResult, summarize  # noqa: E402
-from rnnjax.sweep_plot import plot_sweep  # noqa: E402
-from rnnjax.sweep_runs import landscape  # noqa: E402
-from rnnjax.tasks import TASKS, sweep_task, task_settings, train_task  # noqa: E402
+from rnnjax.training.recipes import RECIPES, Recipe, sweep_recipe  # noqa: E402
+from rnnjax.app.folders import write_atomically  # noqa: E402
+from rnnjax.training.sweep import SweepResult, summarize  # noqa: E402
+from rnnjax.app.sweep_plot import plot_sweep  # noqa: E402
+from rnnjax.app.sweep_runs import landscape  # noqa: E402
+from rnnjax.app.tasks import TASKS, parts, sweep_task, task_settings  # noqa: E402
+from rnnjax.training.fit import StepOptions, fit  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "sweeps"
 
@@ -81,6 +82,15 @@ VARIANTS = {
 ALL_RECIPES = {**RECIPES, **VARIANTS}
 
 
+def sweep_with(task: str, recipe: Recipe, *, seeds: int, steps: int | None, tol: float, data_seed: int | None,
+               progress: bool) -> tuple[dict, SweepResult]:
+    """Sweeps ``task`` trained by ``recipe``, one of RECIPES or a variant measured here."""
+    spec = TASKS[task]
+    result = sweep_recipe(recipe, spec.model(), lambda key, n: spec.batch(key, n, spec.length), seeds=seeds,
+                          steps=steps, watch=spec.watch, tol=tol, data_seed=data_seed, progress=progress)
+    return {"recipe": recipe.name, "steps": result.steps, "length": spec.length, "tol": tol}, result
+
+
 def describe(task: str, result: SweepResult) -> dict:
     """The summary, and for l1-learned how the outcome splits by the init's dense layer."""
     summary = summarize(result)
@@ -120,8 +130,8 @@ def rates(args) -> None:
     for task in args.tasks:
         for name in args.recipes:
             for tol in args.tols:
-                settings, result = sweep_task(task, seeds=args.seeds, recipe=ALL_RECIPES[name], steps=args.steps,
-                                              tol=tol, data_seed=args.data_seed, progress=not args.quiet)
+                settings, result = sweep_with(task, ALL_RECIPES[name], seeds=args.seeds, steps=args.steps, tol=tol,
+                                              data_seed=args.data_seed, progress=not args.quiet)
                 row = {"task": task, "recipe": name, "summary_of_recipe": ALL_RECIPES[name].summary,
                        "tol": tol, **describe(task, result)}
                 if tol == args.tols[0] and not args.no_plots:
@@ -156,19 +166,21 @@ def speed(args) -> None:
     sweeps = []
     for _ in range(args.sweep_repeats):
         began = time.perf_counter()
-        settings, result = sweep_task(args.task, seeds=args.seeds, recipe=args.recipe, steps=args.steps,
-                                      data_seed=args.data_seed, progress=not args.quiet)
+        settings, result = sweep_task(args.task, seeds=args.seeds, data_seed=args.data_seed, progress=not args.quiet,
+                                      settings=task_settings(args.task, recipe=args.recipe, steps=args.steps,
+                                                             tol=1e-3))
         sweeps.append({"wall_seconds": time.perf_counter() - began, "train_seconds": result.seconds,
                        "compile_seconds": result.compile_seconds})
     sweep_wall = statistics.median(s["wall_seconds"] for s in sweeps)
 
-    # fit trains every seed for the whole budget too (tol 0: no weights rule stops it), each on
-    # the batches of its own seed: the sweep's work, one seed at a time
-    fitted = task_settings(args.task, recipe=args.recipe, steps=settings["steps"], tol=0.0)
+    # fit trains every seed for the whole budget too (no target: no weights rule stops it), each
+    # on the batches of its own seed: the sweep's work, one seed at a time
+    chosen = parts(args.task, task_settings(args.task, recipe=args.recipe, steps=settings["steps"]))
     calls = []
     for seed in range(args.fit_seeds):
         began = time.perf_counter()
-        result_of_fit = train_task(args.task, seed=seed, settings=fitted)
+        result_of_fit = fit(chosen.network, chosen.optimizer, chosen.draw, seed=seed, max_steps=settings["steps"],
+                            options=StepOptions(watch=chosen.watch, fresh_batches=chosen.fresh_batches))
         jax.block_until_ready(result_of_fit.state)
         calls.append({"seed": seed, "seconds": time.perf_counter() - began, "steps": result_of_fit.steps,
                       "stop_reason": result_of_fit.stop_reason})

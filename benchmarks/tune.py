@@ -2,7 +2,7 @@
 against a float64 NumPy loop, then times the L1 network's forward pass and training step with
 it, next to the sequential loop and cuDNN (torch ``nn.RNN``, on a GPU).
 
-The settings tried are the accelerator defaults' alternatives (``rnnjax.parallel``'s
+The settings tried are the accelerator defaults' alternatives (``rnnjax.core.parallel``'s
 ``_ACCELERATOR_BLOCK_SIZE`` and ``_ACCELERATOR_UNROLL``, set here one after another); on a CPU
 they replace the CPU's. Compile time (the first call) is reported apart; a setting whose first
 call takes longer than ``--max-compile-s`` is not timed at larger shapes, and the sweep stops at
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 from timing import machine, measure  # noqa: E402
 
-from rnnjax import parallel  # noqa: E402
-from rnnjax.runs import write_atomically  # noqa: E402
+from rnnjax.core import parallel  # noqa: E402
+from rnnjax.app.folders import write_atomically  # noqa: E402
 
 # (T, batch, modes): the shapes of issue 6's GPU targets.
 SHAPES = [(10_000, 1, ("forward", "train")), (1_000_000, 1, ("forward", "train")),

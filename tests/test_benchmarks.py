@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import suite  # noqa: E402
 
 
+@pytest.mark.slow
 def test_suite_writes_json_markdown_and_plot(tmp_path, capsys):
     suite.main(["--lengths", "20", "300", "--batches", "2", "--budget-s", "0.01",
                 "--accuracy-lengths", "300", "--no-memory-check", "--out", str(tmp_path)])
@@ -77,6 +78,7 @@ def test_skip_reason_extrapolates_from_the_last_length(previous, reason):
     assert "memory budget" in suite.skip_reason(suite.PARALLEL, "train", 10**6, 1024, None, args)
 
 
+@pytest.mark.slow
 def test_parallel_training_step_memory_stays_a_small_multiple_of_the_inputs():
     """Compiled, not run: the blocked scan's training step needs at most 7.5 float32 arrays of
     the inputs' size (sequential: 3.25). 7.3 of them at T = 1e5, batch 1024 is the 2.99 GB the

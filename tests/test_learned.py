@@ -86,6 +86,7 @@ def _equations(jaxpr):
                     yield from _equations(inner)
 
 
+@pytest.mark.slow
 def test_trains_from_random_inits_then_computes_long_l1_norms():
     result = sweep_recipe(RECIPES["squared"], L1NormLearned(), lambda key, n: l1_batch(key, n, 10),
                           seeds=8, data_seed=0, watch=L1NormLearned.function_weights)

@@ -123,6 +123,7 @@ def test_diverged_seeds_are_reported():
     assert (result.outcome[live] == "diverged").all() and (result.outcome[~live] == "dead").all()
 
 
+@pytest.mark.slow
 def test_recipe_rates_on_a_few_seeds():
     """benchmarks/SWEEPS.md has the 1,000-seed rates; 32 seeds show the same split here."""
     notebook = sweep_recipe(RECIPES["notebook"], RunningCount(), count_data, seeds=32)
@@ -178,6 +179,7 @@ def test_a_shared_batch_trains_every_seed_on_it():
                                 alone.state.params, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_tolerance_below_float32s_smallest_asks_for_the_target_itself():
     """tol 1e-50 is 0 in float32; "within 1e-50 of 1" still holds for a weight of exactly 1.0,
     in a sweep as in a single run (the default recipe reaches 1.0 exactly)."""

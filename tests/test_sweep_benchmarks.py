@@ -5,10 +5,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sweeps  # noqa: E402
 
 
+@pytest.mark.slow
 def test_rates_and_speed_write_json_markdown_and_plots(tmp_path, capsys):
     sweeps.main(["rates", "--seeds", "4", "--tasks", "count", "--recipes", "squared", "squared-fixed-batch",
                  "--tols", "1e-3", "--steps", "20", "--out", str(tmp_path), "--quiet"])

@@ -96,9 +96,10 @@ def within(watched: dict[str, jax.Array], target: float, tol: float | tuple | Ma
 
 
 def _largest_below(bound: float, dtype: Any) -> np.ndarray:
-    """The largest value of ``dtype`` less than ``bound`` (a positive Python float)."""
+    """The largest value of ``dtype`` less than ``bound`` (a Python float; 0 gives a negative
+    number, so that nothing is within a tolerance of 0)."""
     rounded = np.asarray(bound, dtype)
-    return rounded if float(rounded) < bound else np.nextafter(rounded, np.zeros((), dtype))
+    return rounded if float(rounded) < bound else np.nextafter(rounded, np.asarray(-np.inf, dtype))
 
 
 def _largest_at_most(bound: float, dtype: Any) -> np.ndarray:
