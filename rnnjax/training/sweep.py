@@ -173,42 +173,41 @@ def sweep(
         carries, jnp.int32(0), jnp.int32(chunk)).compile()
     compile_seconds = time.perf_counter() - began
 
+    seen, last, seconds = _train(run_chunk, finish, carries, steps, chunk, replicated,
+                                 progress and f"{seeds} seeds")
+    final, converged_at, loss, code, params = jax.tree.map(lambda a: a[:seeds], last)
+    initial = {k: v[:seeds] for k, v in initial.items()}
+    outcome = np.where(converged_at >= 0, "converged",
+                       np.array([reason(c) or "stuck" for c in code.tolist()], dtype=object)).astype(str)
+    return SweepResult(
+        seeds=np.arange(first_seed, first_seed + seeds), initial_weights=initial, final_weights=final,
+        final_params=params, final_loss=loss, outcome=outcome, converged_at=converged_at,
+        trajectories=_trajectories(initial, seen, tracked), steps=steps, target=target, tol=tol,
+        data_seed=data_seed, devices=mesh.size, seconds=seconds, compile_seconds=compile_seconds)
+
+
+def _train(run_chunk, finish, carries, steps: int, chunk: int, replicated, progress: str | bool):
+    """Runs every chunk of steps; returns what the tracked seeds went through, what ``finish``
+    makes of the last carries (on the host), and the seconds it took."""
     began = time.perf_counter()
     seen = []
-    with tqdm(total=steps, disable=not progress, unit="step", desc=f"{seeds} seeds") as bar:
+    with tqdm(total=steps, disable=not progress, unit="step", desc=progress or None) as bar:
         for done in range(0, steps, chunk):
             active = min(chunk, steps - done)
             carries, chunk_seen = run_chunk(carries, jnp.int32(done), jnp.int32(active))
             seen.append(jax.tree.map(lambda a, n=active: a[:n], jax.block_until_ready(chunk_seen)))
             bar.update(active)
     last = jax.device_get(jax.jit(finish, out_shardings=replicated)(carries))
-    seconds = time.perf_counter() - began
+    return jax.device_get(seen), last, time.perf_counter() - began
 
-    final, converged_at, loss, code, params = jax.tree.map(lambda a: a[:seeds], last)
-    initial = {k: v[:seeds] for k, v in initial.items()}
-    seen = jax.device_get(seen)
+
+def _trajectories(initial: dict, seen: list, tracked: int) -> dict[str, np.ndarray]:
+    """Each watched weight of the tracked seeds at init and after every step; their loss."""
     trajectories = {name: np.concatenate([initial[name][:tracked, None]] +
                                          [weights_seen[name].T for weights_seen, _ in seen], axis=1)
                     for name in initial}
     trajectories["loss"] = np.concatenate([loss_seen.T for _, loss_seen in seen], axis=1)
-    return SweepResult(
-        seeds=np.arange(first_seed, first_seed + seeds),
-        initial_weights=initial,
-        final_weights=final,
-        final_params=params,
-        final_loss=loss,
-        outcome=np.where(converged_at >= 0, "converged",
-                         np.array([reason(c) or "stuck" for c in code.tolist()], dtype=object)).astype(str),
-        converged_at=converged_at,
-        trajectories=trajectories,
-        steps=steps,
-        target=target,
-        tol=tol,
-        data_seed=data_seed,
-        devices=mesh.size,
-        seconds=seconds,
-        compile_seconds=compile_seconds,
-    )
+    return trajectories
 
 
 def _program(model, optimizer, data, fresh_batches, data_seed, watch, rules: StopRules, tracked, chunk):
