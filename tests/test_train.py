@@ -1,13 +1,14 @@
 """The jitted training step and fit: convergence on both seed tasks, stop rules, no retracing."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from rnnjax import L1Norm, RunningCount
+from rnnjax import L1Norm, ReLUCell, RunningCount, rnn
 from rnnjax.training.data import count_batch, l1_batch
 from rnnjax.training.recipes import Reparametrized, square_input_weights
 from rnnjax.training.fit import (LoopOptions, StepOptions, _loss, fit, fit_start, init_state, make_train_step, seed_keys,
@@ -249,3 +250,27 @@ def test_fit_keeps_the_seeds_first_batch_when_batches_are_not_fresh():
     given = fit(RunningCount(), ADAM, first, seed=3, max_steps=30)
     chex.assert_trees_all_equal(kept.state, given.state)
     chex.assert_trees_all_equal(kept.history, given.history)
+
+
+class WideL1(nn.Module):
+    """A user's own model: a 128-unit ReLU cell under rnnjax.rnn and a dense read-out."""
+
+    @nn.compact
+    def __call__(self, xs, lengths=None):
+        xs = xs[..., None]
+        cell = ReLUCell(features=128)
+        weights = self.param("cell", lambda key: cell.init(key, cell.initialize_carry(key, xs[:, 0].shape),
+                                                             xs[:, 0])["params"])
+        final_state, _ = rnn(cell, {"params": weights}, xs, lengths)
+        return nn.Dense(1)(final_state)[:, 0]
+
+
+def test_fit_on_a_real_model_keeps_only_what_its_rules_and_result_need():
+    steps = 200
+    result = fit(WideL1(), ADAM, lambda key: l1_batch(key, 8, 10), seed=0, max_steps=steps, target_weight=1.0)
+    assert result.stop_reason == "budget" and result.steps == steps
+    assert sum(np.size(w) for w in jax.tree.leaves(result.state.params)) > 16_000
+    # one number a column a step, whatever the number of weights
+    assert sorted(result.history) == ["grad_norm", "loss", "skipped", "step", "weight_error"]
+    assert all(v.shape == (steps,) for v in result.history.values())
+    assert np.isfinite(result.history["loss"]).all() and result.history["loss"][-20:].mean() < result.history["loss"][:20].mean()
