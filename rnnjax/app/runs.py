@@ -367,7 +367,7 @@ def load_run(path: str | os.PathLike, task: str) -> LoadedRun:
             raise InputError(f"{path}: that run trained the {info['run']['task']!r} network, not {task!r}", "path")
         settings = info["run"]["settings"]
         template = task_start(task, _training_settings(settings), seed=info["seed"], abstract=True)
-        params = network_params(settings, restore_checkpoint(folder, step, template).state.params)
+        params = network_params(settings, jax.device_get(restore_checkpoint(folder, step, template).state.params))
     except InputError as e:
         raise _pointing_to_older(e, folder, step, "{}") from None
     metrics = _read_metrics(folder.parent)

@@ -55,10 +55,16 @@ def _manager(folder: Path, *, keep: int | None = None, create: bool = False):
 def _arrays(result: FitResult, seed: int) -> dict[str, Any]:
     """The arrays saved for ``result``: orbax cannot save an empty array, so a history is saved
     only from the first step on."""
-    arrays = {"train_state": result.state, "data_key": np.asarray(jax.random.key_data(seed_keys(seed)[1]))}
+    arrays = {"train_state": result.state, "data_key": np.asarray(_data_key(seed))}
     if result.steps:
         arrays["history"] = dict(result.history)
     return arrays
+
+
+@jax.jit
+def _data_key(seed: jax.Array) -> jax.Array:
+    """The raw bits of ``seed_keys(seed)[1]``: one compiled program, not an eager op each."""
+    return jax.random.key_data(seed_keys(seed)[1])
 
 
 def _shapes(tree) -> dict[str, tuple]:

@@ -511,7 +511,7 @@ def weight_elements(params) -> dict[str, jax.Array]:
     """
     named = {}
     for name, w in weights_by_path(params).items():
-        flat = jnp.ravel(w)
+        flat = w.reshape(-1)  # NumPy arrays stay NumPy: a restored run is checked without compiling
         named.update({name: flat[0]} if flat.size == 1 else
                      {f"{name}[{i}]": flat[i] for i in range(flat.size)})
     return named
