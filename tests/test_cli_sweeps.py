@@ -1,14 +1,19 @@
-"""The rnnjax command with issue 8's parts: --recipe, l1-learned in train and eval, and sweep."""
+"""The rnnjax command with issue 8's parts: --recipe, l1-learned in train and eval, and sweep.
+
+The fast tier trains no l1-learned network and runs one sweep; the slow tier the rest.
+"""
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 
-from rnnjax import tasks
-from rnnjax.cli import main
-from rnnjax.sweep import OUTCOMES
+from rnnjax.app import tasks
+from rnnjax.app.cli import main
+from rnnjax.core.checks import InputError
+from rnnjax.training.sweep import OUTCOMES
 
 
 def strict_json(path):
@@ -43,6 +48,7 @@ def learned_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_l1_learned_trains_and_evaluates(learned_run, tmp_path, capsys):
     metrics = strict_json(learned_run / "metrics.json")
     assert metrics["converged"] and metrics["seed"] == 0
@@ -64,6 +70,7 @@ def test_l1_learned_trains_and_evaluates(learned_run, tmp_path, capsys):
     assert last_error(capsys.readouterr()).endswith("that run trained the 'l1-learned' network, not 'l1'")
 
 
+@pytest.mark.slow
 def test_l1_learned_draws_again_when_its_dense_units_face_one_way(tmp_path, capsys):
     # seed 1 draws both dense weights with one sign: inputs of the other sign reach no unit
     assert main(["train", "l1-learned", "--seed", "1", "--steps", "5", "--out", str(tmp_path / "run")]) == 1
@@ -92,13 +99,13 @@ def test_sweep_writes_its_summary_and_picture(tmp_path, capsys):
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["sweep", "count", "--seeds", "6", "--steps", "200", "--out", str(out)]) == 2
     assert last_error(capsys.readouterr()).endswith(
-        "already holds a sweep (sweep.json); pass --overwrite to replace it")
+        f"rnnjax: error: --out {out}: already holds a sweep (sweep.json); --overwrite to replace it")
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
-def test_a_sweep_is_never_written_into_a_run_or_a_foreign_folder(overwrite, tmp_path, capsys):
+def test_a_sweep_is_never_written_into_a_run_or_a_foreign_folder(overwrite, count_run, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "count", "--steps", "5", "--out", str(run)]) in (0, 1)
+    shutil.copytree(count_run, run)
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "todo.txt").write_text("mine")
@@ -107,10 +114,11 @@ def test_a_sweep_is_never_written_into_a_run_or_a_foreign_folder(overwrite, tmp_
         capsys.readouterr()
         assert main(["sweep", "count", "--seeds", "2", "--steps", "5", "--out", str(out), *overwrite]) == 2
         assert last_error(capsys.readouterr()).endswith(
-            f"holds files that are not a sweep ('{name}'); choose another folder")
+            f"--out {out}: holds files that are not a sweep ('{name}'); choose another folder")
         assert sorted(p.name for p in out.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_a_sweep_in_which_no_seed_converges_exits_1(tmp_path, capsys):
     # the notebook recipe at a learning rate that cannot move: half dead, half stuck
     assert main(["sweep", "count", "--recipe", "notebook", "--lr", "1e-9", "--seeds", "6", "--steps", "20",
@@ -122,13 +130,14 @@ def test_a_sweep_in_which_no_seed_converges_exits_1(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--seeds", "0"], r"argument --seeds: expected a positive integer; received '0'$"),
-    (["--devices", "99"], r"devices must be an integer from 1 to \d+ \(the cpu devices JAX sees\); received 99"),
+    (["--seeds", "0"], r"argument --seeds: expected a positive integer below 2\*\*31; received '0'$"),
+    (["--devices", "99"], r"--devices must be an integer from 1 to \d+; received 99\. JAX sees \d+ cpu device"),
     (["--first-seed", str(2**31 - 2), "--seeds", "5"], r"--first-seed 2147483646 --seeds 5: the seeds must lie below "
                                                        r"2\*\*31; give at most --seeds 2 or a lower --first-seed$"),
     (["--recipe", "magic"], r"argument --recipe: invalid choice: 'magic'"),
-    (["--tol", "0"], r"argument --tol: expected a tolerance in \(0, 1\); received '0'$"),
-    (["--tol", "1e10"], r"argument --tol: expected a tolerance in \(0, 1\); received '1e10'$"),
+    (["--tol", "0"], r"argument --tol: expected a number in \(0, 1\); received '0'$"),
+    (["--tol", "1e10"], r"argument --tol: expected a number in \(0, 1\); received '1e10'$"),
+    (["--data-seed", "-1"], r"argument --data-seed: expected a seed, an integer in \[0, 2\*\*31\); received '-1'$"),
 ])
 def test_sweep_bad_input_is_one_line_and_exit_2(args, match, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -150,11 +159,13 @@ def test_redrawing_dead_inits_stops_at_the_last_seed_the_cli_takes(capsys):
     assert main(["train", "l1-learned", "--seed", str(2**31 - 1), "--steps", "2"]) == 1
     captured = capsys.readouterr()
     assert "trying seed" not in captured.out
-    assert last_error(captured) == ("rnnjax: error: seed 2147483647 gave a dead init and no seed is left "
+    assert last_error(captured) == ("rnnjax: error: seed 2147483647 gave a dead init; no seed is left "
                                     "below 2**31; try a lower --seed")
 
 
 @pytest.mark.parametrize("first_seed", [-1, 2**31])
 def test_train_until_live_refuses_a_seed_the_cli_would_refuse(first_seed):
-    with pytest.raises(ValueError, match=rf"first_seed must be in \[0, 2\*\*31\); received {first_seed}$"):
+    with pytest.raises(InputError, match=rf"^first_seed must be a seed, an integer in \[0, 2\*\*31\); "
+                                         rf"received {first_seed}\.$") as info:
         tasks.train_until_live("count", first_seed=first_seed)
+    assert info.value.name == "first_seed"

@@ -17,18 +17,36 @@ import numpy as np
 import optax
 import pytest
 
-from rnnjax.cli import main
-from rnnjax.data import l1_batch
-from rnnjax.devices import device_mesh, replicate, shard_leading_axis
-from rnnjax.models import L1Norm
-from rnnjax.recipes import RECIPES, sweep_recipe
-from rnnjax.tasks import task_settings, train_task
-from rnnjax.train import init_state, make_train_step
-
-four_devices = pytest.mark.skipif(
-    jax.device_count() < 4, reason="needs 4 devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")
+from rnnjax.app.cli import main
+from rnnjax.app.tasks import task_settings, train_task
+from rnnjax.core.checks import InputError
+from rnnjax.training.data import l1_batch
+from rnnjax.training.devices import device_mesh, replicate, shard_leading_axis
+from rnnjax.training.fit import init_state, make_train_step
+from rnnjax.training.models import L1Norm
+from rnnjax.training.recipes import RECIPES, sweep_recipe
 
 
+def four_devices(test):
+    """The tests that need 4 devices: the slow tier runs them (test_on_four_simulated_cpu_devices)."""
+    return pytest.mark.slow(pytest.mark.skipif(
+        jax.device_count() < 4, reason="needs 4 devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")(test))
+
+
+def test_device_counts_jax_does_not_see_are_refused_naming_them():
+    count = jax.device_count()
+    for devices in (0, count + 1, 2.0, True):
+        with pytest.raises(InputError, match=rf"^devices must be an integer from 1 to {count}; received "
+                                             rf"{devices!r}\. JAX sees {count} cpu device\(s\)") as info:
+            device_mesh(devices)
+        assert info.value.name == "devices"
+    assert device_mesh(count).size == device_mesh().size == count
+    with pytest.raises(InputError, match=r"^every array must have a first axis divisible by the 1 devices; "
+                                         r"received shape \(\)"):
+        shard_leading_axis({"x": np.float32(1)}, device_mesh(1))
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() >= 4, reason="this process has the devices: the tests run here")
 def test_on_four_simulated_cpu_devices():
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
@@ -96,7 +114,7 @@ def test_four_devices_fit_equals_one_device(capsys):
         train_task("l1", seed=0, settings=task_settings("l1", steps=5, batch_size=6), devices=4)
     # the command names its flags: the default batch of 8 over 3 devices, 6 over 4
     for flags, match in [(["--devices", "3"], "--batch-size 8 does not split evenly over 3 devices; give a "
-                                              "multiple of 3, or a --devices that divides 8"),
+                                              "multiple of 3, or --devices that divide 8"),
                          (["--devices", "4", "--batch-size", "6"], "--batch-size 6 does not split evenly over 4")]:
         assert main(["train", "l1", "--steps", "5", *flags]) == 2
         captured = capsys.readouterr()
@@ -106,5 +124,5 @@ def test_four_devices_fit_equals_one_device(capsys):
         assert main(["train", "l1", "--steps", "5", "--out", out]) == 1  # out of budget
         capsys.readouterr()
         assert main(["train", "l1", "--steps", "10", "--out", out, "--resume", "--devices", "3"]) == 2
-        assert capsys.readouterr().err == (f"rnnjax: error: --devices 3: the run's batch of 8 sequences does not split "
-                                           "evenly over 3 devices; give a --devices that divides 8\n")
+        assert capsys.readouterr().err == ("rnnjax: error: --batch-size 8 does not split evenly over 3 devices; give a "
+                                           "multiple of 3, or --devices that divide 8\n")

@@ -5,10 +5,11 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from rnnjax.inputs import FLOAT32_MAX, FLOAT32_TINY, parse_number, read_sequence
+from rnnjax.app.inputs import FLOAT32_MAX, FLOAT32_TINY, parse_number, read_sequence
+from rnnjax.core.checks import InputError
 
 
 def write(tmp_path, name, content):
@@ -63,8 +64,9 @@ def test_text_files_that_hold_one_sequence_are_read(tmp_path, name, content, exp
 ])
 def test_bad_text_is_refused_naming_line_and_column(tmp_path, name, content, match):
     path = write(tmp_path, name, content.replace("1,2", "1,two") if name == "word.csv" else content)
-    with pytest.raises(ValueError, match=match or r"word.csv: line 1, column 3: 'two' is not a number$"):
+    with pytest.raises(InputError, match=match or r"word.csv: line 1, column 3: 'two' is not a number$") as info:
         read_sequence(path)
+    assert info.value.name == "path" and str(info.value).startswith(f"{path}: ")
 
 
 @pytest.mark.parametrize("content, match", [
@@ -78,7 +80,7 @@ def test_bits_must_be_zero_or_one(tmp_path, content, match):
     if match is None:
         assert set(read_sequence(path, bits=True)) <= {0.0, 1.0}
     else:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(InputError, match=match):
             read_sequence(path, bits=True)
 
 
@@ -112,13 +114,13 @@ def test_bad_npy_files_are_refused_in_our_own_words(tmp_path):
     for array, match in cases:
         path = tmp_path / "x.npy"
         np.save(path, array, allow_pickle=True)
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(InputError, match=match):
             read_sequence(path)
-    with pytest.raises(ValueError, match=r"index 2: 2 is not 0 or 1"):
+    with pytest.raises(InputError, match=r"index 2: 2 is not 0 or 1"):
         read_sequence(npy(tmp_path, np.array([0, 1, 2])), bits=True)
     path = npy(tmp_path, np.arange(100.0))
     path.write_bytes(path.read_bytes()[:-8])
-    with pytest.raises(ValueError, match=r"x.npy: cut short: its header promises 800 bytes of data; it holds 792$"):
+    with pytest.raises(InputError, match=r"x.npy: cut short: its header promises 800 bytes of data; it holds 792$"):
         read_sequence(path)
     for content, match in [
         (np.random.default_rng(0).bytes(200), r"not a .npy file \(it does not start with the .npy signature\)$"),
@@ -130,12 +132,12 @@ def test_bad_npy_files_are_refused_in_our_own_words(tmp_path):
         (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (-1,), }"),
          r"damaged .npy header \(shape \(-1,\); expected non-negative integers\)$"),
     ]:
-        with pytest.raises(ValueError, match=match) as info:
+        with pytest.raises(InputError, match=match) as info:
             read_sequence(write(tmp_path, "r.npy", content))
         assert "allow_pickle" not in str(info.value)
     with open(tmp_path / "a.npy", "wb") as f:
         np.savez(f, a=np.ones(3))
-    with pytest.raises(ValueError, match=r"holds an .npz archive; expected one array \(np.save\)$"):
+    with pytest.raises(InputError, match=r"holds an .npz archive; expected one array \(np.save\)$"):
         read_sequence(tmp_path / "a.npy")
 
 
@@ -156,22 +158,25 @@ def _header(text):
 
 
 def test_missing_and_unreadable_files(tmp_path):
-    with pytest.raises(ValueError, match=r"missing.csv: no such file$"):
+    with pytest.raises(InputError, match=r"missing.csv: no such file$"):
         read_sequence(tmp_path / "missing.csv")
     (tmp_path / "folder.csv").mkdir()
-    with pytest.raises(ValueError, match=r"folder.csv: is a folder; expected a file$"):
+    with pytest.raises(InputError, match=r"folder.csv: is a folder; expected a file$"):
         read_sequence(tmp_path / "folder.csv")
 
 
 def test_parse_number():
     assert parse_number("-2.5e3") == -2500.0 and parse_number("+.5") == 0.5
     for text in ("1_0", " 1", "1 ", "", "e5", "1e", "--1", "0x1", "١", "NaN", "inf"):
-        with pytest.raises(ValueError, match="is not a"):
+        with pytest.raises(InputError, match=rf"^{re.escape(repr(text))} is not a (finite )?number$"):
             parse_number(text)
+    with pytest.raises(InputError, match=r"^1e39 is beyond float32's range \(largest magnitude 3.403e\+38\)$"):
+        parse_number("1e39")
 
 
 # Property tests: any file either reads as finite float32-range numbers or is refused with one
-# ValueError line naming the file; nothing else escapes.
+# InputError line naming the file; nothing else escapes. The examples drawn come from the
+# hypothesis profile (tests/conftest.py).
 
 TEXT = st.text(alphabet=st.sampled_from(list("0123456789+-.eE_, \t\r\n;xabn\ufeff\u00a0\u2028\x00")), max_size=60)
 
@@ -179,9 +184,10 @@ TEXT = st.text(alphabet=st.sampled_from(list("0123456789+-.eE_, \t\r\n;xabn\ufef
 def check_read(path, bits):
     try:
         values = read_sequence(path, bits=bits)
-    except ValueError as e:
+    except InputError as e:
         message = str(e)
         assert message.startswith(f"{path}: ") and "\n" not in message and "\r" not in message, message
+        assert e.name == "path"
         return None
     assert values.ndim == 1 and values.size > 0 and values.dtype == np.float64
     assert np.all(np.isfinite(values.astype(np.float32)) & ((np.abs(values) >= FLOAT32_TINY) | (values == 0)))
@@ -190,7 +196,6 @@ def check_read(path, bits):
     return values
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=TEXT, suffix=st.sampled_from([".csv", ".txt"]), bits=st.booleans())
 def test_any_text_reads_or_is_refused_in_one_line(tmp_path, text, suffix, bits):
     path = tmp_path / f"seq{suffix}"
@@ -202,7 +207,6 @@ def test_any_text_reads_or_is_refused_in_one_line(tmp_path, text, suffix, bits):
         np.testing.assert_array_equal(values, [float(t) for t in tokens])
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(content=st.one_of(
     st.binary(max_size=300),
     st.binary(max_size=200).map(lambda b: b"\x93NUMPY" + b),
