@@ -499,8 +499,8 @@ def test_a_checkpoint_with_settings_no_run_writes_is_refused_naming_it(l1_run, t
         metadata.write_text(json.dumps(info))
     finally:
         sys.set_int_max_str_digits(4300)
-    for argv, flag in ((["eval", "l1", "--params", str(damaged), "--length", "3"], "(--params )?"),
-                       (["train", "l1", "--out", str(damaged), "--resume", "--steps", "5000"], "")):
+    for argv, flag in ((["eval", "l1", "--params", str(damaged), "--length", "3"], "--params "),
+                       (["train", "l1", "--out", str(damaged), "--resume", "--steps", "5000"], "--out ")):
         assert main(argv) == 2, argv
         one_error_line(capsys.readouterr(), rf"^rnnjax: error: {flag}{re.escape(str(last))}: .*{match}")
 
@@ -662,7 +662,9 @@ def test_a_damaged_checkpoint_is_one_line_whatever_orbax_logs(count_run, tmp_pat
                  ["train", "count", "--out", str(damaged), "--resume"]] * 3:
         result = subprocess.run([sys.executable, "-m", "rnnjax", *argv], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and result.stdout == "", result.stderr
-        assert result.stderr.startswith(f"rnnjax: error: {last}: cannot be read (ValueError: DATA_LOSS"), result.stderr
+        flag = "--params" if argv[0] == "eval" else "--out"
+        assert result.stderr.startswith(f"rnnjax: error: {flag} {last}: cannot be read (ValueError: DATA_LOSS"), \
+            result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
 
 

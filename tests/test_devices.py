@@ -114,7 +114,7 @@ def test_four_devices_fit_equals_one_device(capsys):
         train_task("l1", seed=0, settings=task_settings("l1", steps=5, batch_size=6), devices=4)
     # the command names its flags: the default batch of 8 over 3 devices, 6 over 4
     for flags, match in [(["--devices", "3"], "--batch-size 8 does not split evenly over 3 devices; give a "
-                                              "multiple of 3, or --devices that divide 8"),
+                                              "--batch-size that is a multiple of 3, or --devices that divide 8"),
                          (["--devices", "4", "--batch-size", "6"], "--batch-size 6 does not split evenly over 4")]:
         assert main(["train", "l1", "--steps", "5", *flags]) == 2
         captured = capsys.readouterr()
@@ -124,5 +124,5 @@ def test_four_devices_fit_equals_one_device(capsys):
         assert main(["train", "l1", "--steps", "5", "--out", out]) == 1  # out of budget
         capsys.readouterr()
         assert main(["train", "l1", "--steps", "10", "--out", out, "--resume", "--devices", "3"]) == 2
-        assert capsys.readouterr().err == ("rnnjax: error: --batch-size 8 does not split evenly over 3 devices; give a "
-                                           "multiple of 3, or --devices that divide 8\n")
+        assert capsys.readouterr().err == ("rnnjax: error: --batch-size 8 does not split evenly over 3 devices; give "
+                                           "--devices that divide 8\n")

@@ -408,25 +408,33 @@ def _machine_failure(error: Exception) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _quiet_libraries():
-    """Keeps orbax's own reports off stderr while a command runs, so that every refusal stays one
-    line: its absl log records, asyncio's complaints about its tasks, and the exceptions its
-    threads leave behind when a damaged checkpoint is read (what is wrong is in the one line)."""
+def _silence_libraries() -> tuple:
+    """Keeps orbax's own reports off stderr, so that every refusal stays one line: its absl log
+    records, asyncio's complaints about its tasks, and the exceptions its threads leave behind
+    when a damaged checkpoint is read (what is wrong is in the one line). Returns what it
+    replaced."""
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-    levels = [logger.level for logger in loggers]
-    hook = sys.unraisablehook
+    replaced = (sys.unraisablehook, [(logger, logger.level) for logger in loggers])
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda unraisable: None
+    return replaced
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """``_silence_libraries`` while ``main`` runs, and everything as it was after."""
+    hook, levels = _silence_libraries()
     try:
         yield
     finally:
         sys.unraisablehook = hook
-        for logger, level in zip(loggers, levels):
+        for logger, level in levels:
             logger.setLevel(level)
 
 
 def script() -> None:
-    """The ``rnnjax`` program: ``main``, then exit with its status."""
+    """The ``rnnjax`` program: ``main``, then exit with its status. The program stays quiet until
+    the process ends: orbax's threads report at exit too."""
+    _silence_libraries()
     sys.exit(main())

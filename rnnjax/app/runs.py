@@ -118,8 +118,9 @@ def _resume_point(out: Path, task: str, given: dict, seed: int | None) -> tuple[
         template = task_start(task, _training_settings(settings), seed=info["seed"])
         start = restore_checkpoint(folder, steps[-1], template)
         return {**run, "settings": settings, "seed": info["seed"]}, start
-    except InputError as e:
-        raise _pointing_to_older(e, folder, steps[-1], "move that step folder aside to resume from {}") from None
+    except InputError as e:  # about a setting, or about the checkpoint in out
+        error = _pointing_to_older(e, folder, steps[-1], "move that step folder aside to resume from {}")
+        raise InputError(str(error), e.name if e.name in table.SETTINGS else "out") from None
 
 
 def _check_not_ended(out: Path, settings: dict, step: int) -> None:
@@ -152,7 +153,7 @@ def _check_run_info(run: Any, where: Path) -> None:
     """Refuses run info that ``train_run`` did not write (a foreign or damaged checkpoint): its
     record must have the fields ``train_run`` writes, and every setting a value the settings
     table accepts, so nothing is built from a damaged one."""
-    fields = {"task": lambda v: v in TASKS, "settings": lambda v: isinstance(v, dict),
+    fields = {"task": lambda v: isinstance(v, str) and v in TASKS, "settings": lambda v: isinstance(v, dict),
               "first_seed": _is_seed, "dead_seeds": lambda v: isinstance(v, list) and len(v) < DEAD_SEED_TRIES
               and all(map(_is_seed, v)),
               "resumed_at": lambda v: isinstance(v, list) and all(_is_int(step, 0, 2**31 - 1) for step in v)}
@@ -199,6 +200,7 @@ class _Record(NamedTuple):
 def _begin(task: str, out: Path | None, given: dict, seed: int | None, resume: bool,
            checkpoint_every: int | None, devices: int | None) -> _Record:
     """The record of a new run, or of the run in ``out`` to resume."""
+    seed = None if seed is None else table.check("seed", seed)
     if not resume:
         settings = {**task_settings(task, **given), "checkpoint_every": checkpoint_every or CHECKPOINT_EVERY}
         table.check_run(settings, task=task, devices=devices)
@@ -207,7 +209,7 @@ def _begin(task: str, out: Path | None, given: dict, seed: int | None, resume: b
     if checkpoint_every:
         given["checkpoint_every"] = checkpoint_every
     run, start = _resume_point(out, task, given, seed)
-    table.check_run(run["settings"], task=task, devices=devices)
+    table.check_run(run["settings"], task=task, devices=devices, resumed=True)
     for name in (METRICS, PLOT):  # a run resumed after its budget ends anew
         (out / name).unlink(missing_ok=True)
     return _Record(run["settings"], run["first_seed"], list(run["dead_seeds"]), [*run["resumed_at"], start.steps],
@@ -368,8 +370,8 @@ def load_run(path: str | os.PathLike, task: str) -> LoadedRun:
         settings = info["run"]["settings"]
         template = task_start(task, _training_settings(settings), seed=info["seed"], abstract=True)
         params = network_params(settings, jax.device_get(restore_checkpoint(folder, step, template).state.params))
-    except InputError as e:
-        raise _pointing_to_older(e, folder, step, "{}") from None
+    except InputError as e:  # about the checkpoint that path names
+        raise InputError(str(_pointing_to_older(e, folder, step, "{}")), "path") from None
     metrics = _read_metrics(folder.parent)
     if metrics is None:
         status = f"interrupted or killed at step {step}, before it ended"

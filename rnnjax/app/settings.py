@@ -208,25 +208,27 @@ def check_record(record: dict) -> list[str]:
     return bad
 
 
-def check_run(settings: dict, *, task: str, devices: int | None = None, seeds: int = 1) -> None:
+def check_run(settings: dict, *, task: str, devices: int | None = None, seeds: int = 1,
+              resumed: bool = False) -> None:
     """The rules between settings, for a run of ``task`` (``seeds`` at once, spread over
-    ``devices``): a step's inputs at most ``MAX_STEP_NUMBERS`` numbers, a count sequence at most
-    ``COUNT_MAX_LENGTH`` long, and the batch split evenly over the devices. Messages name the
-    settings in backquotes, which the command line shows as its flags."""
+    ``devices``; ``resumed``: its batch size is the run's): a step's inputs at most
+    ``MAX_STEP_NUMBERS`` numbers, a count sequence at most ``COUNT_MAX_LENGTH`` long, and the
+    batch split evenly over the devices. Messages name the settings in backquotes, which the
+    command line shows as its flags."""
     batch_size, length = settings["batch_size"], settings["length"]
     numbers = seeds * batch_size * length
     if numbers > MAX_STEP_NUMBERS:
-        parts = ([f"`seeds` {seeds:,}"] if seeds > 1 else []) + [f"`batch_size` {batch_size:,}",
-                                                                  f"`length` {length:,}"]
-        raise InputError(f"{' x '.join(parts)} is {numbers:,} numbers a step, more than the "
-                         f"{MAX_STEP_NUMBERS:,} rnnjax trains on at once; give smaller values",
-                         "seeds" if seeds > 1 else "batch_size")
+        parts = (f"`seeds` {seeds:,} x {batch_size:,} sequences x {length:,} steps" if seeds > 1
+                 else f"`batch_size` {batch_size:,} x `length` {length:,}")
+        raise InputError(f"{parts} is {numbers:,} numbers a step, more than the {MAX_STEP_NUMBERS:,} rnnjax "
+                         "trains on at once; give smaller values", "seeds" if seeds > 1 else "batch_size")
     if task == "count" and length > COUNT_MAX_LENGTH:
         raise InputError(f"`length` {length}: a count sequence is at most {COUNT_MAX_LENGTH:,} long "
                          "(float32 counts are exact up to there)", "length")
     if devices is not None and seeds == 1 and batch_size % devices:
-        raise InputError(f"`batch_size` {batch_size} does not split evenly over {devices} devices; give a "
-                         f"multiple of {devices}, or `devices` that divide {batch_size}", "batch_size")
+        other = "" if resumed else f"a `batch_size` that is a multiple of {devices}, or "
+        raise InputError(f"`batch_size` {batch_size} does not split evenly over {devices} devices; give "
+                         f"{other}`devices` that divide {batch_size}", "devices" if resumed else "batch_size")
 
 
 def command_line_message(error: InputError) -> str:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rnnjax.app import settings as table
+from rnnjax.core import checks
 from rnnjax.core.checks import SEED_LIMIT, InputError
 from rnnjax.core.recurrence import Method
 from rnnjax.training.data import Batch, count_batch, l1_batch
@@ -225,6 +226,7 @@ def train_until_live(
     Returns:
       ``(seed, result)`` of the last seed tried: its stop_reason is "dead" only when every try was.
     """
+    first_seed, tries = table.check("first_seed", first_seed), checks.integer("tries", tries)
     settings = settings or task_settings(task)
     last = min(first_seed + tries, SEED_LIMIT) - 1
     for seed in range(first_seed, last + 1):

@@ -1,100 +1,37 @@
 """Exact parallel-in-time evaluation of an elementwise ReLU recurrence, in blocks.
 
-``relu_scan`` computes ``h_t = max(0, w*h_{t-1} + u_t)`` for every ``t`` with the work split
-into blocks of ``block_size`` steps:
+``relu_scan`` computes ``h_t = max(0, w*h_{t-1} + u_t)`` for ``t < length`` from ``h0`` (which
+enters as ``w*h0`` added to ``u_0``), each feature with its own scalar ``w``, in blocks of ``C``
+steps (``block_size``):
 
-1. each block's steps are composed into one ``Ramp`` (``rnnjax.core.ramps``): a ``lax.scan`` over the
-   steps of a block, vectorised across blocks and the batch; where no ``|w|`` exceeds 1 it runs
-   the loop three times at once (from 0, from ``inf`` and without the ReLU, ``ramps.of_runs``),
-   three plain numbers a step, and forms each block's ramp from their ends;
-2. the state entering each block comes from the blocks' ramps, by the same method one level up
-   (blocks of blocks, at most 128 maps a block, ``upper_block_size``), until one block is left;
-   there the loop that composes a block's maps keeps every prefix map, and each is evaluated
-   at its block's entering state in one vectorised pass;
-3. each block of steps runs again from its true entering state.
+1. one loop over a block's steps, vectorised across blocks and sequences, composes each
+   block's steps into one ``rnnjax.core.ramps.Ramp`` (from three plain runs, ``ramps.of_runs``,
+   where no ``|w|`` of the call exceeds 1);
+2. the state entering each block comes from the blocks' ramps by the same method one level up,
+   in blocks of ``upper_block_size`` (at most ``MAX_UPPER_BLOCK_SIZE``) maps, until one block
+   is left: ``levels(T, C)`` loops deep, ``O(T)`` work, ``O(batch * T)`` memory;
+3. each block re-runs its steps from its entering state; the final state is the last block's
+   prefix ramp evaluated at its entering state.
 
-The program is ``O(log T / log block_size)`` loops deep, does ``O(T)`` work and keeps
-``O(batch * T)`` memory. Nothing is approximated: every state is the same function of the
-inputs as the sequential loop's, evaluated in another order.
+Invariants: every state is the same function of the inputs as the sequential loop's, evaluated
+in another order (nothing is approximated); each slope ``w**k`` is a ``ramps.Slope`` computed
+from ``k``, rounded once, of any magnitude; within the domain no ``inf - inf`` or ``0 * inf`` is
+formed. Derivatives come from a ``custom_jvp`` that solves the tangent recurrence by the same
+method on affine maps; JAX transposes it for reverse mode and differentiates it again.
 
-**Domain and bound.** For float32 and float64, ``w`` equal to 0 or of magnitude in
-``[1e-30, 3]``, inputs of magnitude up to ``1e6`` (0, or at least the smallest normal number:
-XLA flushes subnormal numbers to 0 on a CPU, in the loop as here), any length and any initial
-state: wherever the sequential loop's states stay below ``1e30``, every state is finite and
-within
+Domain: float32 or float64; ``w`` 0 or of magnitude in ``[1e-30, 3]``; inputs 0 or of magnitude
+in ``[tiny, 1e6]``; ``h0 >= 0``; any length; wherever the sequential loop's states stay below
+``1e30``. There every state is finite and within
 
     |h_t - exact_t| <= K * eps * max_{s <= t} |w|^(t - s) * (|w * h_{s-1}| + |u_s|)
-                       + K * tiny * (1 + max_s h_s + max_{s <= t} |w|^(t - s))
+                       + K * tiny * (1 + max_s h_s + max_{s <= t} |w|^(t - s)),
+    K = 8 * (C + (16 + U) * levels(T, C)),   U = upper_block_size(ceil(T / C)),
 
-of the exact (float64) recurrence on the same inputs, where ``K = 8 * (block_size + (16 + U) *
-levels(T, block_size))`` with ``U = upper_block_size(ceil(T / block_size))`` the upper levels'
-block size (1 for one block), ``eps`` is the dtype's machine epsilon and ``tiny`` its smallest
-normal number. The last term is the flushing of subnormal numbers to 0, which the loop suffers
-as well (its own error obeys the same bound); it only shows for states within a few orders of
-magnitude of ``tiny`` followed by growth. The first term is a sum of magnitudes along one path
-of the computation, not of all steps: each state is a ramp evaluated at an entering state,
-itself a ramp of the level above evaluated at its own, and so on, and each evaluation rounds
-once. The slopes ``w^k`` are
-computed from ``k`` by ``rnnjax.core.ramps.powers``, each rounded once, so their rounding does not
-compound over the blocks (at ``w = 0.99999``, ``T = 1e5``, float32, ``h_t = w^(t+1)`` is within
-28 eps of exact at every step with 32 steps a block, 61 with 128 and 122 with 256, the loop's
-98: each block's re-run is the loop's own rounding over its steps, which on this input all round
-one way).
-``tests/test_parallel.py`` checks the bound by property tests over that domain, including tiny
-states growing through spans whose ``|w|^k`` passes the largest float.
-
-**Why every quantity stays finite** (invariants of ``rnnjax.core.ramps``):
-
-- A slope is a ``Slope``, the product of normal floats ``lead * scale * scale`` whose binary
-  exponent is carried apart: ``3**1000`` and ``1e-30**1000`` are stored as they are, and
-  ``w = 0`` as ``2**-C`` with ``C`` past the dtype's range. ``multiply`` and ``divide`` apply it
-  factor by factor, all on the slope's side of 1, so a product is ``inf`` or 0 exactly where
-  the exact one overflows or underflows, and no factor is ever 0 or ``inf``: ``0 * inf`` is
-  never formed. Division is a product with the stored inverse.
-- ``start`` and ``end`` are states that exist (0, or at least ``tiny``: XLA flushes smaller
-  numbers to 0 on a CPU), and ``start_value`` and ``end_value`` the map's values there, with
-  its value at 0 kept apart (``at_zero``). A kink that falls between 0 and ``tiny`` is moved to
-  where the line reaches ``tiny``: no state lies in between, so the map is unchanged on every
-  state (a kink flushed to 0 had shifted the line by up to ``tiny`` in the domain, which
-  ``|w|^k`` then amplified: 8% off at ``w = 2``, ``inf`` at ``w = 3``, in the second audit).
-  Only a segment that reaches ``tiny`` has such a kink: one that ends at 0 maps every state
-  past 0 to its end value (taking it for one put a kink in every block whose
-  ``|w|^k * tiny`` exceeded the next input, 2.2 off at ``w = -2``, 128 steps a block, in the
-  third audit).
-- ``start`` and ``start_value`` are clamped to ``[0, M]``.
-  ``end`` and ``end_value`` may be ``+inf`` (a segment that never ends).
-- Differences ``h - start``, ``value - start_value`` are of non-negative finite numbers, or
-  ``+inf`` minus a finite number: never ``inf - inf``. ``w * end_value`` with ``w = 0`` is
-  replaced by 0. So no NaN is ever formed, and an infinity only means an exact value past
-  ``M`` (a segment without end, or a state beyond the domain), which the clip then resolves.
-- Where no ``|w|`` exceeds 1, a block's ramp comes from three runs (``ramps.of_runs``): the runs
-  from 0 and from ``inf`` are the loop's own states (the one from ``inf`` stays ``inf`` for ``w
-  > 0``, and ``w * inf`` with ``w = 0`` is replaced by 0), and the run without the ReLU is at
-  most the sum of the block's input magnitudes (at most ``1e6 * block_size``). The ramp's ends
-  are their differences times the Slope's inverse: finite minus finite, or ``inf`` minus
-  finite.
-- A ``start_value`` clamped to ``M`` belongs to a ramp whose every value exceeds ``M``: only
-  steps past the end of a sequence (its padding) or beyond the domain form one.
-
-The derivative is a ``custom_jvp``: the tangent obeys the linear recurrence
-``dh_t = J_t dh_{t-1} + [z_t > 0] (dw h_{t-1} + du_t)`` with ``J_t = w [z_t > 0]``, solved by the
-same blocked method on affine maps ``y -> a*y + b`` (in the blocks' layout throughout, with
-``[z_t > 0]`` read off the state, so a derivative transposes the ``(batch, time)`` arrays once
-each way), whose ``a`` over a span is ``w^k`` as a
-``Slope`` from ``rnnjax.core.ramps.powers`` again (where every step of it fired; 0 otherwise), so
-gradients do not compound the rounding of ``w^k`` either, and ``a*y`` overflows or underflows
-only where the exact product does (a tiny tangent carried through a span with ``|w|^k > M`` is
-exact, as in the loop). JAX transposes it for reverse mode, and differentiates it again for
-second derivatives (``jax.hessian``, grad of grad), so every order of derivative is the
-sequential loop's, within rounding. One limit: the derivative of ``w^k`` itself, which only
-second derivatives use, is a float product of the steps' ``J_t`` clamped to ``[-M, M]``; with
-``|w|^k`` past ``M`` its term is lost where forward-over-forward mode is finite in the loop
-(reverse mode, and so ``jax.hessian``, overflows there in both). And outside the domain, where
-a tangent itself overflows to ``inf`` (states past ``1e30``, tangents past ``M``), that term's
-zero times the ``inf`` forms NaN where the loop's tangent is ``inf`` (the fourth audit: 76 of 90
-such tangents at ``w = 1.5``, float32, blocks of 7). Masking it on the tangent is not linear in
-the tangent (JAX cannot transpose it), and a custom rule for the zero lost its derivative under
-``jax.hessian`` (4% off), so it stays.
+of the exact recurrence on the same inputs, ``C`` the block size in effect, ``eps`` the dtype's
+machine epsilon and ``tiny`` its smallest normal number (XLA flushes smaller numbers to 0 on a
+CPU, in the loop as here). ``tests/test_parallel.py`` checks it against a float64 loop. The
+derivation, why every quantity stays finite, the derivatives' limits and the audit record:
+``docs/parallel.md``.
 """
 
 from __future__ import annotations
@@ -113,15 +50,9 @@ from rnnjax.core import checks
 
 __all__ = ["relu_scan", "scan", "default_block_size", "upper_block_size", "levels"]
 
-# Steps per block, and lax.scan's unroll for the loops over a block's elements. On a CPU 64
-# steps up to 2**15 steps; beyond them the best size depended on the machine: 256 on a 2-core
-# AMD EPYC, 32 on a 2-core Intel Xeon (where 256 ran the forward pass at T = 1e5, batch 8, 1.3
-# to 1.6 times as long); other CPUs, not measured, get 128, between the two (benchmarks/NOTES.md,
-# "Block size", "The blocks' layout" and "Block size by machine"). Loops rolled (unrolling never
-# paid on a CPU). On an accelerator 32, rolled: of 32, 64 and 128 the fastest on an H200 by
-# the geometric mean of the target shapes; unrolling (8 at 32 steps, or 16 at 16) ran T = 1e4,
-# batch 1 3.4 to 15 times as fast but took 14 to 46 s to compile (benchmarks/NOTES.md, "GPU";
-# benchmarks/tune.py).
+# Each constant's measurements: benchmarks/NOTES.md, "Current decisions".
+# Steps per block on a CPU: 64 up to _LONG steps; beyond, 256 on AMD and 32 on Intel (where 256
+# ran T = 1e5, batch 8 1.3 to 1.6 times as long), 128 on CPUs not measured.
 _LONG = 2**15
 _CPU_BLOCK_SIZE = {"AuthenticAMD": (64, 256), "GenuineIntel": (64, 32)}
 _OTHER_CPU_BLOCK_SIZE = (64, 128)
@@ -145,12 +76,16 @@ def _cpu_block_size(vendor: str) -> tuple[int, int]:
 
 
 _BLOCK_SIZE = {"cpu": _cpu_block_size(_cpu_vendor())}
+# On an accelerator 32 steps a block: the fastest of 32, 64 and 128 on an H200 by the geometric
+# mean of the target shapes (1.11 against 1.82 ms forward at T = 1e4, batch 1).
 _ACCELERATOR_BLOCK_SIZE = (32, 32)
+# lax.scan's unroll for the loops over a block's elements: rolled. On a CPU unrolling never paid
+# (2, 4, 8: the training step at T = 1e5, batch 8 1.5 to 2.8 times as long); on an H200 it ran
+# T = 1e4, batch 1 3.4 to 15 times as fast but took 14 to 46 s to compile (3.5 s rolled).
 _UNROLL = {"cpu": 1}
 _ACCELERATOR_UNROLL = 1
-# The levels above the first group at most this many maps a block, in as few levels as that
-# allows and blocks of equal size (upper_block_size): each level is a loop that XLA compiles,
-# so fewer levels compile faster (benchmarks/NOTES.md, "Upper levels").
+# Maps a block at most above the first level, in as few levels as that allows: each level is a
+# loop XLA compiles, and 128 compiled T = 1e6 35 to 45% faster than 16 (three levels, not five).
 MAX_UPPER_BLOCK_SIZE = 128
 
 
@@ -166,7 +101,7 @@ def _scan(f: Callable, init: Any, xs: Any) -> tuple[Any, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The blocked driver, for any maps with an associative composition.
+# The blocks' layout.
 
 
 def _to_blocks(tree: Any, size: int, fill: Any) -> Any:
@@ -174,11 +109,9 @@ def _to_blocks(tree: Any, size: int, fill: Any) -> Any:
     ``k`` of sequence ``b``; the last block is padded with the leaves of ``fill`` (padding only
     feeds states that are cut off).
 
-    The blocks of every sequence lie along one axis: the loops' work is then one-dimensional,
-    which XLA compiles to plain vector code on a CPU (with a third axis, even of size 1, a
-    block's step at T = 1e6, batch 8, took 1.6x as long). Blocks outer and the batch inner,
-    the transpose keeps the batch as its output's minor axis, which XLA's CPU transpose runs 2
-    to 3.3 times as fast as with the blocks there (``benchmarks/NOTES.md``)."""
+    The blocks of every sequence lie along one axis, which XLA compiles to plain vector code on
+    a CPU; the batch inner keeps the transpose's output minor axis short, XLA's CPU transpose's
+    fast form (benchmarks/NOTES.md, "Batch 8: fewer passes, one axis", "The blocks' layout")."""
 
     def block(x, value):
         batch, n = x.shape
@@ -200,8 +133,8 @@ def _split(x: jax.Array, size: int) -> jax.Array:
 def _lanes(x: jax.Array) -> jax.Array:
     """``(batch, blocks, size)`` (``_split``'s) -> ``(size, blocks * batch)``, ``_to_blocks``'s
     layout. Given an array of that shape (the operand of ``lax.cond``, not a bitcast of a
-    ``(batch, n)`` one inside the transpose's fusion), XLA's CPU transpose ran 2.4x as fast: 26
-    against 63 ms at T = 1e6, batch 8 (it computed each element's index through the bitcast)."""
+    ``(batch, n)`` one inside the transpose's fusion), XLA's CPU transpose ran 2.4 times as fast
+    (26 against 63 ms at T = 1e6, batch 8)."""
     batch, blocks, size = x.shape
     return x.transpose(2, 1, 0).reshape(size, blocks * batch)
 
@@ -212,132 +145,133 @@ def _from_blocks(x: jax.Array, batch: int, n: int) -> jax.Array:
     return x.reshape(size, -1, batch).transpose(2, 1, 0).reshape(batch, -1)[:, :n]
 
 
+# ----------------------------------------------------------------------------------------------
+# The blocked driver, for any maps with an associative composition.
+
+
 class _Algebra(NamedTuple):
     """The maps that spans of elements form, for the blocked driver.
 
-    ``then(map, element, slopes)`` is the map followed by one element of the first level and
-    ``compose(first, second, slopes)`` the map followed by another map (of a higher level's
-    element); ``evaluate(map, slopes, h)`` applies one. ``powers(counts)`` returns what spans of
-    ``counts`` steps share, stacked (``rnnjax.core.ramps.powers`` for ramps), or is None. At the
-    ``j``-th element of a block the driver passes ``slopes = (before, element, after)``: those of
-    the spans of the ``j`` elements before, of the element, and of all ``j + 1``.
-    ``spans(blocks, slope)``, if given, returns the maps of whole blocks of first-level elements
-    at once, from ``(size, lanes)`` leaves and what a block's span shares; without it they are
-    composed one element at a time with ``then``.
+    ``identity(shape, dtype)`` is the identity map; ``then(map, element, slopes)`` is the map
+    followed by one element of the first level (a step), ``compose(first, second, slopes)`` the
+    map followed by another map (an element of an upper level), and ``evaluate(map, slope, h)``
+    applies one. ``powers(counts)`` returns what spans of ``counts`` steps share, stacked
+    (``rnnjax.core.ramps.powers``). At the ``j``-th element of a block the driver passes
+    ``slopes = (before, element, after)``: those of the spans of the ``j`` elements before, of
+    the element, and of all ``j + 1``. ``spans(blocks, slope)``, if given, returns the maps of
+    whole blocks of first-level elements at once, from ``(size, lanes)`` leaves and what a
+    block's span shares; without it they are composed one element at a time with ``then``.
     """
 
     identity: Callable[[tuple[int, ...], Any], Any]
     then: Callable[[Any, Any, Any], Any]
     compose: Callable[[Any, Any, Any], Any]
     evaluate: Callable[[Any, Any, jax.Array], jax.Array]
-    powers: Callable[[np.ndarray], Any] | None = None
+    powers: Callable[[np.ndarray], Any]
     spans: Callable[[Any, Any], Any] | None = None
 
 
-def _prefix_states(
-    elements: Any,
-    start: jax.Array,
-    algebra: _Algebra,
-    size: int,
-    *,
-    span: int = 1,
-    maps: bool = False,
-    step: Callable[[jax.Array, Any], jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Returns ``h_k = e_k(h_{k-1})`` for ``k < n``, with ``h_{-1} = start``, in blocks.
+def _rows(table: Any, index: Any) -> Any:
+    """``table[index]`` for every leaf of a stacked pytree."""
+    return jax.tree.map(lambda x: x[index], table)
 
-    Args:
-      elements: a pytree of ``(batch, n)`` arrays, one element per position: steps, or
-        (``maps``) maps of ``span`` steps each.
-      start: ``(batch,)``, the state before the first element.
-      algebra: the maps that spans of elements form.
-      size: elements per block at this level.
-      span: steps per element.
-      maps: whether the elements are maps (levels above the first) rather than steps.
-      step: see ``_blocked_states``.
 
-    Returns:
-      ``(states, entering)``: ``states`` ``(batch, n)``, and ``entering`` ``(batch, blocks)``,
-      the state before each block of ``size`` elements.
+def _fold(combine: Callable, blocks: Any, table: Any, identity: Any, *, keep: bool) -> Any:
+    """Composes each block's elements in order, ``combine(prefix, element, slopes)``, in one
+    loop over the ``(size, lanes)`` leaves of ``blocks``; ``table`` holds what spans of 0 to
+    ``size`` elements share. Returns every prefix map, stacked ``(size, lanes)`` (``keep``), or
+    each block's map, ``(lanes,)``."""
+    element = _rows(table, 1)
+
+    def extend(prefix, x):
+        item, (before, after) = x
+        new = combine(prefix, item, (before, element, after))
+        return new, (new if keep else None)
+
+    spans = (_rows(table, slice(None, -1)), _rows(table, slice(1, None)))
+    maps, prefixes = _scan(extend, identity, (blocks, spans))
+    return prefixes if keep else maps
+
+
+def _entering(block_maps: Any, start: jax.Array, algebra: _Algebra, span: int) -> jax.Array:
+    """The state before each block, ``(batch, blocks)``, from the blocks' maps (``(blocks *
+    batch,)`` leaves in ``_to_blocks``'s lanes, at least two blocks a sequence, each map of
+    ``span`` steps) and ``start``, ``(batch,)``, the state before the first: their own prefix
+    states, one level up."""
+    batch = start.shape[0]
+    blocks = jax.tree.leaves(block_maps)[0].shape[0] // batch
+    block_maps = jax.tree.map(lambda x: x.reshape(blocks, batch).T, block_maps)
+    ends = _upper_states(block_maps, start, algebra, span)
+    return jnp.concatenate([start[:, None], ends[:, :-1]], axis=1)
+
+
+def _upper_states(maps: Any, start: jax.Array, algebra: _Algebra, span: int) -> jax.Array:
+    """``h_k = maps_k(h_{k-1})`` for ``k < n``, with ``h_{-1} = start``, ``(batch, n)``, for
+    ``(batch, n)`` leaves of maps of ``span`` steps each: an upper level.
+
+    Blocks of ``upper_block_size(n)`` maps, the last padded with identity maps (which only feed
+    states that are cut off). The loop that composes each block's maps keeps every prefix map,
+    and once the level above has given each block's entering state, every prefix is evaluated
+    there in one vectorised pass (one rounding at that state's magnitude, and no second loop).
     """
-    batch, n = jax.tree.leaves(elements)[0].shape
-    # The last block is padded with zero elements at the first level and identity maps above
-    # it; either way the padding only feeds states that are cut off.
-    padding = (algebra.identity((), start.dtype) if maps
-               else jax.tree.map(lambda _: 0, elements))
-    states, entering = _blocked_states(_to_blocks(elements, size, padding), start, algebra,
-                                       span=span, maps=maps, step=step)
-    return _from_blocks(states, batch, n), entering
+    batch, n = jax.tree.leaves(maps)[0].shape
+    size = upper_block_size(n)
+    blocks = _to_blocks(maps, size, algebra.identity((), start.dtype))
+    lanes = jax.tree.leaves(blocks)[0].shape[1]
+    table = algebra.powers(span * np.arange(size + 1))  # spans of 0, 1, ..., size maps
+    prefixes = _fold(algebra.compose, blocks, table, algebra.identity((lanes,), start.dtype),
+                     keep=True)
+    if lanes == batch:  # one block: the top level
+        entering = start[:, None]
+    else:
+        entering = _entering(_rows(prefixes, -1), start, algebra, span * size)
+    after = jax.tree.map(lambda x: x[1:][:, None], table)
+    states = algebra.evaluate(prefixes, after, entering.T.reshape(-1))  # in the lanes' order
+    return _from_blocks(states, batch, n)
+
+
+def _block_maps(blocks: Any, algebra: _Algebra, table: Any, dtype: Any) -> Any:
+    """Each first-level block's map, ``(lanes,)`` leaves, from its elements, ``(size, lanes)``
+    leaves; ``table`` holds what spans of 0 to ``size`` steps share."""
+    if algebra.spans is not None:
+        return algebra.spans(blocks, _rows(table, -1))
+    lanes = jax.tree.leaves(blocks)[0].shape[1]
+    return _fold(algebra.then, blocks, table, algebra.identity((lanes,), dtype), keep=False)
 
 
 def _blocked_states(
     blocks: Any,
     start: jax.Array,
     algebra: _Algebra,
-    *,
-    span: int = 1,
-    maps: bool = False,
-    step: Callable[[jax.Array, Any], jax.Array] | None = None,
+    step: Callable[[jax.Array, Any], jax.Array],
 ) -> tuple[jax.Array, jax.Array]:
-    """``_prefix_states`` on elements already in blocks (``_to_blocks``'s layout), and its
-    states left in that layout: what the first level works on, so that the recurrence and its
-    derivative transpose the ``(batch, time)`` arrays once each way.
+    """Returns ``h_k = step(h_{k-1}, e_k)`` for every element, with ``h_{-1} = start``, in blocks:
+    the first level.
+
+    The blocks' maps give each block's entering state (``_entering``), and each block then
+    re-runs its elements one by one from it (the loop's own rounding). The states stay in the
+    blocks' layout, so that the recurrence and its derivative transpose the ``(batch, time)``
+    arrays once each way.
 
     Args:
-      blocks: a pytree of ``(size, blocks * batch)`` arrays.
+      blocks: a pytree of ``(size, blocks * batch)`` arrays (``_to_blocks``'s layout), one
+        element (step) per position.
       start: ``(batch,)``, the state before the first element.
-      algebra, span, maps: as for ``_prefix_states``.
-      step: ``step(h, element)``, one element applied to a state. Given, each block re-runs its
-        elements one by one from its entering state (the loop's own rounding); None evaluates
-        there each prefix map, which the loop that forms the blocks' maps keeps (one rounding
-        at the entering state's magnitude, and no second loop).
+      algebra: the maps that spans of elements form.
+      step: ``step(h, element)``, one element applied to a state.
 
     Returns:
       ``(states, entering)``: ``states`` ``(size, blocks * batch)``, and ``entering`` ``(batch,
       blocks)``, the state before each block.
     """
     size, lanes = jax.tree.leaves(blocks)[0].shape
-    batch = start.shape[0]
-    blocks_per_sequence = lanes // batch
-    then = algebra.compose if maps else algebra.then
-    empty = algebra.identity((lanes,), start.dtype)
-    if algebra.powers is None:
-        slopes = element_slope = None
-    else:
-        table = algebra.powers(span * np.arange(size + 1))  # spans of 0, 1, ..., size elements
-        slopes = jax.tree.map(lambda x: x[:-1], table), jax.tree.map(lambda x: x[1:], table)
-        element_slope = jax.tree.map(lambda x: x[1], table)
-
-    def extend(prefix, x):
-        element, slope = x
-        before, after = (None, None) if slope is None else slope
-        return then(prefix, element, (before, element_slope, after)), after
-
-    prefixes = None
-    if step is None:  # every block's prefix maps, one loop: its last is the block's map
-        _, prefixes = _scan(lambda m, x: (extend(m, x)[0],) * 2, empty, (blocks, slopes))
-    if blocks_per_sequence == 1:
+    if lanes == start.shape[0]:  # one block a sequence
         entering = start[:, None]
     else:
-        if prefixes is not None:
-            block_maps = jax.tree.map(lambda x: x[-1], prefixes)
-        elif algebra.spans is None:
-            block_maps, _ = _scan(lambda m, x: (extend(m, x)[0], None), empty,
-                                  (blocks, slopes))
-        else:
-            block_maps = algebra.spans(blocks, jax.tree.map(lambda x: x[-1], table))
-        block_maps = jax.tree.map(lambda x: x.reshape(blocks_per_sequence, batch).T, block_maps)
-        ends, _ = _prefix_states(block_maps, start, algebra,
-                                  upper_block_size(blocks_per_sequence),
-                                  span=span * size, maps=True)
-        entering = jnp.concatenate([start[:, None], ends[:, :-1]], axis=1)
-
-    flat_entering = entering.T.reshape(-1)  # in the lanes' order
-    if step is None:  # each prefix map evaluated at its block's entering state, all at once
-        after = None if slopes is None else jax.tree.map(lambda x: x[:, None], slopes[1])
-        states = algebra.evaluate(prefixes, after, flat_entering)
-    else:
-        _, states = _scan(lambda h, x: (step(h, x[0]),) * 2, flat_entering, (blocks, slopes))
+        table = algebra.powers(np.arange(size + 1))  # spans of 0, 1, ..., size steps
+        block_maps = _block_maps(blocks, algebra, table, start.dtype)
+        entering = _entering(block_maps, start, algebra, size)
+    _, states = _scan(lambda h, x: (step(h, x),) * 2, entering.T.reshape(-1), blocks)
     return states, entering
 
 
@@ -345,9 +279,9 @@ def _last_states(block: Any, entering: jax.Array, lengths: jax.Array,
                  algebra: _Algebra) -> jax.Array:
     """The state after step ``lengths - 1`` of each sequence, ``(batch,)``: its block's prefix
     map evaluated at the block's entering state (``_blocked_states``), which rounds once at
-    that magnitude instead of once a step (what keeps a 1e8-step L1 norm exact) and needs no
-    block's second run. ``block`` holds the elements of each sequence's last block, ``(size,
-    batch)`` leaves; where a length is 0 the result is the state before the first step."""
+    that magnitude instead of once a step and needs no block's second run. ``block`` holds the
+    elements of each sequence's last block, ``(size, batch)`` leaves; where a length is 0 the
+    result is the state before the first step."""
     size, batch = jax.tree.leaves(block)[0].shape
     last = jnp.maximum(lengths - 1, 0)
     last_block, last_step = last // size, last % size
@@ -444,7 +378,7 @@ def _from_zero(w: jax.Array, inputs: jax.Array, lengths: jax.Array,
     the blocks' layout of ``_to_blocks``, ``(block_size, blocks * batch)`` (those past a length
     are not used).
 
-    Each block re-runs the loop's own steps from its exact entering state; the last state of
+    Each block re-runs the loop's own steps from its entering state; the last state of
     each sequence comes from ``_last_states``. ``growing`` (a boolean) must be true if ``|w| >
     1``: the work for positions between 0 and tiny is only needed then.
     """
@@ -460,7 +394,7 @@ def _states_from_zero(w, inputs, lengths, *, growing):
     batch, _, size = inputs.shape
     algebra = _ramps(w, growing)
     states, entering = _blocked_states(_lanes(inputs), jnp.zeros(batch, inputs.dtype), algebra,
-                                       step=lambda h, u: jnp.maximum(w * h + u, 0))
+                                       lambda h, u: jnp.maximum(w * h + u, 0))
     last = (jnp.maximum(lengths - 1, 0) // size)[:, None, None]  # each sequence's last block
     last_block = jnp.take_along_axis(inputs, last, axis=1)[:, 0].T  # (block_size, batch)
     last_state = _last_states(last_block, entering, lengths, algebra)
@@ -469,17 +403,29 @@ def _states_from_zero(w, inputs, lengths, *, growing):
 
 @_from_zero.defjvp
 def _from_zero_jvp(primals, tangents):
+    """The tangent recurrence ``y_t = J_t y_{t-1} + d_t``, solved by the blocked driver on
+    affine maps. Everything stays in the blocks' layout, so the derivative transposes the
+    ``(batch, time)`` arrays once: the tangent of the inputs (and, in reverse mode, its
+    cotangent)."""
     w, inputs, lengths, growing = primals
     dw, dinputs, _, _ = tangents
     final_state, states = _from_zero(w, inputs, lengths, growing)
-    # Everything stays in the blocks' layout, so the derivative transposes the (batch, time)
-    # arrays once: the tangent of the inputs (and, in reverse mode, its cotangent).
+    elements = _tangent_elements(w, dw, dinputs, states, lengths)
+    zero = jnp.zeros(lengths.shape[0], states.dtype)
+    dstates, dentering = _blocked_states(elements, zero, _affine(w), lambda y, e: e[0] * y + e[1])
+    dfinal_state = jnp.where(lengths > 0, _last_tangents(elements, dentering, lengths), 0)
+    return (final_state, states), (dfinal_state, dstates)
+
+
+def _tangent_elements(w, dw, dinputs, states, lengths):
+    """The tangent recurrence's elements ``(J_t, d_t)``, ``(block_size, lanes)`` each in the
+    blocks' layout: ``J_t = w`` and ``d_t = dw * h_{t-1} + du_t`` where step ``t`` fired, 0
+    elsewhere. ``dinputs`` is ``_split``'s ``(batch, blocks, block_size)``."""
     size, lanes = states.shape
     batch = lengths.shape[0]
-    blocks_per_sequence = lanes // batch
     block = jnp.arange(lanes) // batch
     positions = block * size + jnp.arange(size)[:, None]  # the step of each element
-    lane_lengths = jnp.tile(lengths, blocks_per_sequence)
+    lane_lengths = jnp.tile(lengths, lanes // batch)
     # The state before each step: the block's previous one, or the previous block's last (0
     # before a sequence's first block).
     before_block = jnp.where(block == 0, 0, jnp.roll(states[-1], batch))
@@ -491,16 +437,19 @@ def _from_zero_jvp(primals, tangents):
     jacobians = jnp.where(fired, w, 0)
     drive = (dw * jnp.where(fired, previous, 0)
              + jnp.where(fired, _lanes(dinputs), 0))
-    zero = jnp.zeros(batch, states.dtype)
-    dstates, dentering = _blocked_states((jacobians, drive), zero, _affine(w),
-                                         step=lambda y, e: e[0] * y + e[1])
-    # The final state's tangent: the last block's steps re-run from its entering tangent, on
-    # (block_size, batch) gathered elements, not every state's tangent. Plain steps, not the
-    # block's prefix map: a span's `a` is 0 where w == 0 and would drop d(w**k)/dw, which
-    # second derivatives at w = 0 need.
+    return jacobians, drive
+
+
+def _last_tangents(elements, dentering, lengths):
+    """The tangent after step ``lengths - 1``, ``(batch,)``: the last block's steps re-run from
+    its entering tangent on ``(block_size, batch)`` gathered elements, not every state's
+    tangent. Plain steps, not the block's prefix map: a span's ``a`` is 0 where ``w == 0`` and
+    would drop ``d(w**k)/dw``, which second derivatives at ``w = 0`` need."""
+    size = jax.tree.leaves(elements)[0].shape[0]
+    batch = lengths.shape[0]
     last = jnp.maximum(lengths - 1, 0)
     lane = last // size * batch + jnp.arange(batch)
-    last_block = jax.tree.map(lambda x: jnp.take(x, lane, axis=1), (jacobians, drive))
+    last_block = jax.tree.map(lambda x: jnp.take(x, lane, axis=1), elements)
 
     def step_if(y, x):  # steps past the last one leave the tangent as it is
         take, (jacobian, d) = x
@@ -509,8 +458,7 @@ def _from_zero_jvp(primals, tangents):
     dlast, _ = _scan(
         step_if, jnp.take_along_axis(dentering, (last // size)[:, None], axis=1)[:, 0],
         (jnp.arange(size)[:, None] <= last % size, last_block))
-    dfinal_state = jnp.where(lengths > 0, dlast, 0)
-    return (final_state, states), (dfinal_state, dstates)
+    return dlast
 
 
 def _scan_feature(w, inputs, lengths, growing, block_size):
@@ -549,7 +497,8 @@ def relu_scan(
 ) -> tuple[jax.Array, jax.Array]:
     """Runs ``h_t = max(0, w*h_{t-1} + inputs_t)`` for ``t < lengths``, exactly, in blocks.
 
-    See the module docstring for the domain, the error bound and why it is finite.
+    The module docstring states the domain and the error bound; ``docs/parallel.md`` why they
+    hold.
 
     Args:
       w: the diagonal of the recurrent matrix, ``(features,)``.
@@ -569,10 +518,11 @@ def relu_scan(
       once.
 
     Raises:
-      TypeError: inputs not float32 or float64 (``rnnjax.rnn`` computes float16 and bfloat16
-        cells in float32), ``w`` or ``h0`` of another dtype, or lengths not integers.
-      ValueError: shapes other than the above (or an axis of size 0), concrete lengths outside
-        ``[0, time]``, or ``block_size`` not a positive integer.
+      InputError: (a ``ValueError`` and a ``TypeError``) an argument that is not an array,
+        inputs not float32 or float64 (``rnnjax.rnn`` computes float16 and bfloat16 cells in
+        float32), ``w`` or ``h0`` of another dtype, lengths not integers, shapes other than the
+        above (or an axis of size 0), concrete lengths outside ``[0, time]``, or
+        ``block_size`` not a positive integer.
 
     Example:
       >>> import jax.numpy as jnp

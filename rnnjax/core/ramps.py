@@ -13,17 +13,19 @@ with ``0 <= start, start_value <= M`` (``M`` the dtype's largest finite value), 
 coordinate is a point of the domain or of the range, never an extrapolation: a ramp that rises
 from its floor at ``h = 1e40`` in exact arithmetic stores ``start = M`` (it is constant on every
 finite state). Positions are states that exist: 0, or at least ``tiny`` (the smallest normal
-number; XLA flushes smaller ones to 0 on a CPU). A kink between 0 and ``tiny`` is stored where
-the line reaches ``tiny``, which changes the map on no state.
+number; XLA flushes smaller ones to 0 on a CPU). A kink between 0 and ``tiny`` is stored at
+``tiny`` where the line falls and where the line reaches ``tiny`` where it rises, which changes
+the map on no state.
 
 The slope is kept apart, as a ``Slope``: every ramp of a span of ``k`` steps has slope ``w**k``,
 so ``powers`` computes it from ``k`` alone, rounded once (a product of rounded slopes would
 compound their rounding over the spans), and with an exponent range of its own: ``3**1000`` or
-``1e-30**1000`` is stored as it is, not clamped to ``M`` or flushed to 0. ``multiply`` and
-``divide`` then scale a value by it with a single rounding, overflowing to ``inf`` or
-underflowing to 0 only where the exact result does. That is what keeps every quantity finite and
-exact (see ``rnnjax.core.parallel`` for the argument) where a slope-and-offset pair ``a*h + b``
-overflows for ``|w| > 1`` and a threshold form ``a*(h - t)`` overflows ``t`` for ``|w| < 1``.
+``1e-30**1000`` is stored as it is, not clamped to ``M`` or flushed to 0. ``multiply`` then
+scales a value by it with one rounding and ``divide`` with two, overflowing to ``inf`` or
+underflowing to 0 only where the exact result does. That is what keeps every quantity finite
+(the argument, and the error bound it gives, are in ``docs/parallel.md``) where a
+slope-and-offset pair ``a*h + b`` overflows for ``|w| > 1`` and a threshold form ``a*(h - t)``
+overflows ``t`` for ``|w| < 1``.
 """
 
 from __future__ import annotations
