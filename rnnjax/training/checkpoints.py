@@ -110,7 +110,7 @@ def save_checkpoint(folder: str | os.PathLike, result: FitResult, *, seed: int, 
       >>> from rnnjax.training.data import count_batch
       >>> from rnnjax.training.fit import fit, fit_start
       >>> draw = lambda key: count_batch(key, 8, 5)
-      >>> result = fit(RunningCount(), optax.adam(0.1), draw, seed=3, max_steps=30, progress=False)
+      >>> result = fit(RunningCount(), optax.adam(0.1), draw, seed=3, max_steps=30)
       >>> folder = tempfile.mkdtemp()
       >>> save_checkpoint(folder, result, seed=3, run={"note": "30 steps"}).name
       '30'

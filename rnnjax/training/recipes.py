@@ -172,7 +172,7 @@ def sweep_recipe(
       >>> from rnnjax.training.data import count_batch
       >>> from rnnjax.training.models import RunningCount
       >>> result = sweep_recipe(RECIPES["squared"], RunningCount(),
-      ...                       lambda key, n: count_batch(key, n, 5), seeds=8, progress=False)
+      ...                       lambda key, n: count_batch(key, n, 5), seeds=8)
       >>> list(result.outcome) == ["converged"] * 8
       True
     """

@@ -144,7 +144,7 @@ def sweep(
       >>> from rnnjax.training.data import count_batch
       >>> from rnnjax.training.models import RunningCount
       >>> result = sweep(RunningCount(), optax.adam(0.1), lambda k: count_batch(k, 8, 5),
-      ...                seeds=16, steps=300, progress=False)
+      ...                seeds=16, steps=300)
       >>> sorted(set(result.outcome)) <= ["converged", "dead", "stuck"], result.outcome.shape
       (True, (16,))
     """
