@@ -17,7 +17,7 @@ from rnnjax.core import checks
 from rnnjax.core.masking import length_mask
 from rnnjax.training.data import Batch
 from rnnjax.training.devices import device_mesh, replicate, shard_leading_axis
-from rnnjax.training.stopping import StopRules, reason, stop_code
+from rnnjax.training.stopping import DIVERGED, StopRules, reason, stop_code
 
 __all__ = ["TrainState", "FitResult", "StepOptions", "LoopOptions", "init_state", "squared_error",
            "make_train_step", "seed_keys", "fit_start", "fit", "weights_by_path", "weight_elements"]
@@ -239,7 +239,7 @@ def _program(spec: _Spec) -> _Program:
                "weight_error": jnp.max(jnp.stack(errors)), "code": code,
                **({} if options.watch is None else watched)}
         # A diverged step keeps the last finite state; after a stop, nothing changes.
-        keep = (carry.code != 0) | (code == 1)
+        keep = (carry.code != 0) | (code == DIVERGED)
         new_carry = jax.tree.map(lambda old, n: jnp.where(keep, old, n), carry,
                                  _Carry(new, dead_run, code))
         return new_carry._replace(code=jnp.where(carry.code != 0, carry.code, code)), row
@@ -476,7 +476,7 @@ class _History:
         diverged); returns how many were appended and that code."""
         for taken, row in enumerate(rows):
             code = int(row.pop("code"))
-            if reason(code) == "diverged":
+            if code == DIVERGED:
                 return taken, code
             for k, v in row.items():
                 self.columns[k].append(v)

@@ -16,7 +16,7 @@ import numpy as np
 
 from rnnjax.core import checks
 
-__all__ = ["STOP_REASONS", "CONVERGED", "StopRules", "within", "stop_code", "reason"]
+__all__ = ["STOP_REASONS", "CONVERGED", "DIVERGED", "StopRules", "within", "stop_code", "reason"]
 
 STOP_REASONS = {  # why a run stopped (FitResult.stop_reason), in words
     "weights": "every watched weight within tolerance of the target",
@@ -30,6 +30,7 @@ STOP_REASONS = {  # why a run stopped (FitResult.stop_reason), in words
 CONVERGED = ("weights", "loss")  # the stop reasons of a run that reached its goal
 # stop_code's values: 0 is "no rule holds"; code i > 0 is _CODES[i - 1].
 _CODES = ("diverged", "weights", "loss", "dead")
+DIVERGED = 1  # stop_code of a step that made a non-finite loss, gradient or weight
 
 
 class StopRules(NamedTuple):
