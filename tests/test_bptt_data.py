@@ -69,8 +69,8 @@ def test_l1_batch_values_are_the_normals_of_its_key():
     chex.assert_trees_all_equal(np.asarray(batch.xs), np.where(inside, values, 0.0))
 
 
-@pytest.mark.parametrize("max_length", [10, pytest.param(1, marks=pytest.mark.slow),
-                                        pytest.param(17, marks=pytest.mark.slow), pytest.param(300, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("max_length", [1, 10, 17, 300])
 def test_l1_targets_are_a_left_fold_in_every_program(max_length):
     # Summed ((|x_0| + |x_1|) + |x_2|) + ... in float32, in whatever program draws them: eagerly,
     # jitted, vmapped over seeds; and the network with both weights 1 sums in that order too.

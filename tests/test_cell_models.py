@@ -102,8 +102,11 @@ def test_models_reject_an_unknown_method():
         L1Norm(method="quick").init(jax.random.key(0), jnp.ones((1, 3)))
 
 
-@pytest.mark.parametrize("model", [L1Norm, L1NormLearned, RunningCount])
-@pytest.mark.parametrize("method", ["sequential", "parallel"])
+@pytest.mark.parametrize("model, method", [(model, method) for model in (L1Norm, RunningCount, L1NormLearned)
+                                           for method in ("sequential", "parallel")
+                                           if model is L1NormLearned or method == "sequential"]
+                         + [pytest.param(L1Norm, "parallel", marks=pytest.mark.slow),
+                            pytest.param(RunningCount, "parallel", marks=pytest.mark.slow)])
 def test_outputs_and_gradients_do_not_depend_on_the_padding(model, method):
     """Whatever the padding holds (NaN and infinities included), every model's outputs and its
     gradients with respect to every weight and every input are the same, bit for bit."""

@@ -88,6 +88,7 @@ def damaged_copies(folder, step, tmp_path):
             yield f"{how} {name}", copy
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_refused_whole_or_read_exactly(saved, tmp_path):
     folder, result = saved
     refused = 0

@@ -29,7 +29,8 @@ def variables_with(kernel, w_ih, w_hh):
                                 "W_hh": jnp.array([[w_hh]], jnp.float32)}}}
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["sequential", pytest.param("parallel", marks=pytest.mark.slow),
+                                    pytest.param("auto", marks=pytest.mark.slow)])
 def test_matches_numpy_and_computes_the_l1_norm_with_unit_slopes(method):
     rng = np.random.default_rng(1)
     xs = rng.normal(size=(5, 9)).astype(np.float32)

@@ -57,7 +57,7 @@ def test_each_seed_is_fits_run():
 
 @pytest.mark.parametrize("recipe, model, data, per_step", [
     ("squared", RunningCount(), count_data, True),
-    ("notebook", L1Norm(), l1_data, False),
+    pytest.param("notebook", L1Norm(), l1_data, False, marks=pytest.mark.slow),
 ])
 def test_training_matches_a_float64_numpy_loop(recipe, model, data, per_step):
     steps, recipe = 20, RECIPES[recipe]  # longer, float32 rounding grows past 1e-4 (Adam amplifies it)
