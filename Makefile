@@ -21,13 +21,17 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/rnnjax demo
 
-# The fast tier: 3 minutes or less on 2 CPU cores once .venv is installed.
+# The fast tier: 3 minutes or less on 2 CPU cores once .venv is installed. Compiling is the
+# cost, one core each: a worker per core, each taking whole test files (their compiled programs
+# are reused within a file).
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Everything, the slow tier and the thorough hypothesis profile included (12 minutes or less); CI runs it.
 test-all: $(VENV)/.installed
-	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q
+	HYPOTHESIS_PROFILE=thorough $(PYTEST)
 
 # The whole suite, accuracy up to 1e8 steps included: about 5 to 10 minutes on 2 CPU cores.
 bench: $(VENV)/.installed-bench
