@@ -274,3 +274,14 @@ def test_fit_on_a_real_model_keeps_only_what_its_rules_and_result_need():
     assert sorted(result.history) == ["grad_norm", "loss", "skipped", "step", "weight_error"]
     assert all(v.shape == (steps,) for v in result.history.values())
     assert np.isfinite(result.history["loss"]).all() and result.history["loss"][-20:].mean() < result.history["loss"][:20].mean()
+
+
+def test_equal_settings_share_one_compiled_program_whatever_objects_carry_them():
+    from rnnjax.app.tasks import task_settings, train_task
+    from rnnjax.training.fit import _program
+
+    before = _program.cache_info()
+    for seed in (0, 1, 2):  # a settings dict, a model, a draw and a watch built anew each time
+        train_task("count", seed=seed, settings=task_settings("count", steps=3, lr=0.05))
+    after = _program.cache_info()
+    assert after.misses - before.misses == 1 and after.hits - before.hits >= 2
