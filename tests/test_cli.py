@@ -749,3 +749,15 @@ def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_bits(count_run,
     assert main(["train", "count", "--out", str(out), "--resume", "--checkpoint-every", "1000"]) == 0
     assert len(strict_json(out / "metrics.json")["resumed_at"]) == 2
     assert_same_run(out, count_run)
+
+
+def test_every_command_names_what_it_requires_and_lists_the_tasks(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "l1", "--length", "3"])
+    assert exit_.value.code == 2
+    one_error_line(capsys.readouterr(), r"required: --params$")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    for task in ("l1", "count", "l1-learned"):
+        assert re.search(rf"^  {task} +\S", shown, re.MULTILINE), shown

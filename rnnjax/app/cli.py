@@ -360,7 +360,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rnnjax {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (run, summary) in _COMMANDS.items():
-        command = commands.add_parser(name, help=summary)
+        takes_task = "task" in table.SETTINGS and name in table.SETTINGS["task"].commands
+        command = commands.add_parser(name, help=summary, description=summary,
+                                      epilog=table.tasks_epilog() if takes_task else None,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         groups = {option: group for options in _ONE_OF.get(name, [])
                   for group in [command.add_mutually_exclusive_group(required=True)] for option in options}
         table.add_options(command, name, groups=groups)

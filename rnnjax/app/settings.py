@@ -23,7 +23,7 @@ from rnnjax.core.checks import InputError
 
 __all__ = ["Setting", "SETTINGS", "TASKS", "RECIPES", "METHODS", "LR_RANGE", "MAX_STEP_NUMBERS",
            "COUNT_MAX_LENGTH", "EVAL_MAX_LENGTH", "check", "check_record", "check_run", "flag",
-           "command_line_message", "add_options"]
+           "command_line_message", "add_options", "tasks_epilog"]
 
 # The seed tasks and recipes by name, with one line each (rnnjax.app.tasks and
 # rnnjax.training.recipes define them; a test keeps the names equal).
@@ -64,6 +64,7 @@ class Setting(NamedTuple):
         or the task's, filled in by ``rnnjax.app.tasks.task_settings``).
       metavar: the placeholder ``--help`` shows.
       choices: the values a choice may take, listed by ``--help``.
+      required: the command line must give it.
     """
 
     name: str
@@ -75,6 +76,7 @@ class Setting(NamedTuple):
     default: Any = None
     metavar: str | None = None
     choices: tuple[str, ...] | None = None
+    required: bool = False
 
 
 def _integer(low: int, high: int = _INT_MAX) -> Callable[[str, Any], int]:
@@ -115,29 +117,29 @@ def _b2(name: str, value: Any) -> float:
 
 _TRAIN, _SWEEP = ("train",), ("sweep",)
 SETTINGS = {row.name: row for row in [
-    _choose("task", "task", TASKS,
-            "the network: " + "; ".join(f"{name}, {line}" for name, line in TASKS.items()),
-            ("train", "eval", "sweep")),
+    _choose("task", "task", TASKS, "the network: " + ", ".join(TASKS) + " (each below)", ("train", "eval", "sweep")),
     _choose("recipe", "--recipe", RECIPES,
             "how to train (default squared): " + "; ".join(f"{name}: {line}" for name, line in RECIPES.items()),
             ("demo", "train", "sweep"), {"demo": "squared"}),
     Setting("steps", "--steps", _integer(1), int,
             {"train": "step budget (default: the recipe's, 3000)",
-             "sweep": "steps for every seed (default: the recipe's, 3000)"}, ("train", "sweep")),
+             "sweep": "steps for every seed (default: the recipe's, 3000)"}, ("train", "sweep"), metavar="N"),
     Setting("lr", "--lr", _lr, float,
             f"Adam's (peak) learning rate (default: the recipe's, 0.1), from {LR_RANGE[0]:.4g} to "
-            f"{LR_RANGE[1]:.4g} (float32's range)", ("train", "sweep")),
+            f"{LR_RANGE[1]:.4g} (float32's range)", ("train", "sweep"), metavar="X"),
     Setting("b2", "--b2", _b2, float, "Adam's second-moment decay: the recipe's", ()),
-    Setting("batch_size", "--batch-size", _integer(1), int, "sequences in the batch (default 8)", _TRAIN),
+    Setting("batch_size", "--batch-size", _integer(1), int, "sequences in the batch (default 8)", _TRAIN,
+            metavar="N"),
     Setting("length", "--max-length", _integer(1), int,
-            "longest sequence (l1, default 10) or every sequence's length (count, default 5)", _TRAIN),
+            "longest sequence (l1, default 10) or every sequence's length (count, default 5)", _TRAIN,
+            metavar="N"),
     Setting("tol", "--tol", _tol, float,
             {"train": "stop once W_ih and W_hh are within TOL of 1 (default 1e-9: exactly 1.0 in float32, "
                       "which long sequences need; l1-learned: W_hh within TOL, its two slopes within "
                       "max(TOL, 1e-6))",
              "sweep": "a seed converged once W_ih and W_hh (l1-learned: its slopes and W_hh) are within "
                       "TOL of 1 (default 1e-3)"},
-            ("train", "sweep"), {"train": 1e-9, "sweep": 1e-3}),
+            ("train", "sweep"), {"train": 1e-9, "sweep": 1e-3}, "X"),
     Setting("skip_nonfinite", "--skip-nonfinite", _integer(0), int,
             "skip up to N non-finite updates in a row (optax.apply_if_finite) instead of stopping as "
             "diverged at the first (default 0)", _TRAIN, 0, "N"),
@@ -149,29 +151,30 @@ SETTINGS = {row.name: row for row in [
             {"demo": "first seed to try (default 0)",
              "train": "first seed to try (default 0); a dead init draws again from the next seed",
              "eval": "seed of the random sequence of --length (default 0)"},
-            ("demo", "train", "eval"), {"demo": 0}),
-    Setting("first_seed", "--first-seed", checks.seed, int, "the first seed (default 0)", _SWEEP, 0),
-    Setting("seeds", "--seeds", _integer(1), int, "how many seeds (default 1000)", _SWEEP, 1000),
+            ("demo", "train", "eval"), {"demo": 0}, "N"),
+    Setting("first_seed", "--first-seed", checks.seed, int, "the first seed (default 0)", _SWEEP, 0, "N"),
+    Setting("seeds", "--seeds", _integer(1), int, "how many seeds (default 1000)", _SWEEP, 1000, "N"),
     Setting("data_seed", "--data-seed", checks.seed, int,
-            "every seed trains on this seed's batches (default: each on its own)", _SWEEP),
+            "every seed trains on this seed's batches (default: each on its own)", _SWEEP, None, "N"),
     Setting("devices", "--devices", _integer(1), int,
             {"train": "spread each batch over the first N of JAX's devices (default: all of them)",
              "sweep": "spread the seeds over the first N of JAX's devices (default: all of them)"},
             ("train", "sweep"), None, "N"),
     Setting("out", "--out", _path, str,
             {"train": "run folder: checkpoints/, metrics.json and training.png",
-             "sweep": "folder for sweep.json and sweep.png"}, ("train", "sweep")),
+             "sweep": "folder for sweep.json and sweep.png"}, ("train", "sweep"), None, "DIR"),
     Setting("resume", "--resume", _switch, bool, "continue the run in --out from its last checkpoint",
             _TRAIN, False),
     Setting("overwrite", "--overwrite", _switch, bool,
             {"train": "replace the run in --out", "sweep": "replace the sweep in --out"}, ("train", "sweep"),
             False),
     Setting("params", "--params", _path, str,
-            "a run folder written by 'rnnjax train --out', or one of its checkpoints/<step>", ("eval",)),
+            "a run folder written by 'rnnjax train --out', or one of its checkpoints/<step>", ("eval",), None,
+            "DIR", required=True),
     Setting("sequence_length", "--length", _integer(1, EVAL_MAX_LENGTH), int,
-            f"draw a random sequence this long (count: at most {COUNT_MAX_LENGTH:,})", ("eval",)),
+            f"draw a random sequence this long (count: at most {COUNT_MAX_LENGTH:,})", ("eval",), None, "N"),
     Setting("input", "--input", _path, str, "a .npy, .csv or .txt file of numbers (count: 0s and 1s)",
-            ("eval",)),
+            ("eval",), None, "FILE"),
     _choose("method", "--method", METHODS,
             "default auto: the exact parallel scan from 256 steps on a CPU (within 1e-6 of the "
             "float64 norm up to 1e8 steps), the loop below", ("eval",), "auto"),
@@ -253,10 +256,16 @@ def add_options(parser: argparse.ArgumentParser, command: str, *, groups: dict |
         if row.kind is bool:
             target.add_argument(row.flag, action="store_true", help=help_text)
             continue
-        options = {"choices": row.choices, "metavar": row.metavar,
+        options = {"choices": row.choices, "metavar": row.metavar, "required": row.required or None,
                    "dest": row.name if row.flag.startswith("--") else None}
         target.add_argument(row.flag, type=None if row.choices else _from_text(row), default=default,
                             help=help_text, **{k: v for k, v in options.items() if v is not None})
+
+
+def tasks_epilog() -> str:
+    """The tasks, one line each, for the end of a command's ``--help``."""
+    width = max(map(len, TASKS))
+    return "tasks:\n" + "\n".join(f"  {name:{width}}  {line}" for name, line in TASKS.items())
 
 
 def _from_text(row: Setting) -> Callable[[str], Any]:
