@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -629,21 +630,28 @@ def test_main_leaves_the_hooks_log_levels_and_signal_handler_as_they_were(l1_run
 
 
 @pytest.mark.slow
+def cpu_seconds(argv: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    """The processor time a program takes (user and system), which another load on the machine
+    changes far less than its wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), result
+
+
 def test_eval_answers_within_a_second_of_importing_jax(l1_run, tmp_path):
-    """The issue's target is 2 s on a quiet 2-core CPU, where importing JAX takes about 1 s; on a
-    loaded machine JAX's import alone can take 1.5 s. So the time eval adds to the import is
-    what is held: reading the checkpoint compiles no training program."""
+    """The issue's target is 2 s on a quiet 2-core CPU, where importing JAX, Flax, optax and
+    orbax alone takes 1.6 s (eval took 2.0 to 2.4 s there on 2026-12-07; 5 to 15 s before it
+    stopped compiling the training program). What eval adds to those imports is held here, in
+    processor time, so that a loaded machine does not fail it."""
     path = tmp_path / "x.csv"
     path.write_text("3,-5,7,-2\n")
     took, importing = [], []
     for _ in range(3):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import jax, flax.linen, optax, orbax.checkpoint"], check=True)
-        importing.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "rnnjax", "eval", "l1", "--params", str(l1_run), "--input",
-                                 str(path)], capture_output=True, text=True, timeout=120)
-        took.append(time.perf_counter() - start)
+        importing.append(cpu_seconds([sys.executable, "-c", "import jax, flax.linen, optax, orbax.checkpoint"])[0])
+        seconds, result = cpu_seconds([sys.executable, "-m", "rnnjax", "eval", "l1", "--params", str(l1_run),
+                                       "--input", str(path)])
+        took.append(seconds)
         assert result.returncode == 0 and result.stderr == "", result.stderr
         assert result.stdout == "length 4: predicted 17, exact 17 (float64), relative error 0.00e+00\n"
     assert statistics.median(took) - statistics.median(importing) < 1.0, (took, importing)
