@@ -22,9 +22,9 @@ demo: $(VENV)/.installed
 	$(BIN)/rnnjax demo
 
 # The fast tier: 3 minutes or less on 2 CPU cores once .venv is installed. Compiling is the
-# cost, one core each: a worker per core, each taking whole test files (their compiled programs
-# are reused within a file).
-PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+# cost, one core each: a worker per core, which takes tests file by file and takes over the other's
+# when it runs out (worksteal), so that one long file does not leave a core idle.
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist worksteal
 
 test: $(VENV)/.installed
 	$(PYTEST) -m "not slow"
