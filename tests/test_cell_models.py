@@ -50,7 +50,7 @@ def ones(model, xs, lengths=None):
     return jax.tree.map(jnp.ones_like, variables)
 
 
-@pytest.mark.parametrize("method", ["sequential", "parallel"])
+@pytest.mark.parametrize("method", ["sequential", pytest.param("parallel", marks=pytest.mark.slow)])
 def test_l1norm_with_unit_weights_is_the_l1_norm(method):
     model = L1Norm(method=method)
     xs = jnp.array([[3.0, -5.0, 7.0, -2.0, 99.0], [1.5, -0.5, np.nan, 0.0, 0.0]])

@@ -42,7 +42,7 @@ def run(cell, params, xs, lengths, h0, method):
 
 # A few fixed shapes, (batch, time, features): each compiles once; hypothesis varies the values,
 # lengths, weights and initial states, which the jitted functions take as traced arguments.
-SHAPES = [(4, 17, 3), (2, 1, 1), (3, 40, 1)]
+SHAPES = [(4, 17, 3), (2, 1, 1), pytest.param(3, 40, 1, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("batch, time, features", SHAPES)
@@ -77,7 +77,7 @@ def loss(params, xs, h0, lengths, cell, method):
 grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnames=("cell", "method"))
 
 
-@pytest.mark.parametrize("time, diagonal", [(30, False), (9, True)])
+@pytest.mark.parametrize("time, diagonal", [pytest.param(30, False, marks=pytest.mark.slow), (9, True)])
 @given(seed=st.integers(0, 2**32 - 1))
 def test_parallel_gradients_match_the_float64_loop(time, diagonal, seed):
     """Against the loop in float64, not the float32 loop: each float32 method can be within the
@@ -191,6 +191,7 @@ def test_any_flax_cell_with_an_array_carry_runs_sequentially_with_masking():
         rnn(cell, params, xs, method="parallel")
 
 
+@pytest.mark.slow
 @given(seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([1.5, 2.0, 3.0]))
 def test_parallel_stays_exact_when_long_spans_of_weights_overflow(seed, scale):
     """W_hh < -1 over 300 steps: span slopes like 2**300 overflow float32, while the loop's
@@ -210,7 +211,7 @@ def test_parallel_stays_exact_when_long_spans_of_weights_overflow(seed, scale):
     chex.assert_trees_all_close(parallel, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["sequential", pytest.param("parallel", marks=pytest.mark.slow)])
 def test_lengths_of_any_integer_type(method):
     cell, params, xs, _, _ = draw_case(4, 2, 300, 1)
     expected = numpy_rnn(params["params"]["W_ih"], params["params"]["W_hh"], xs, np.array([100, 127]))
