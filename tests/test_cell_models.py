@@ -156,3 +156,13 @@ def test_variables_without_the_models_weights_are_refused_quoting_both(model):
         with pytest.raises(TypeError, match=rf"^{name} variables must be the variables init returns, "
                                             rf"\{{'params': \{{\.\.\.\}}\}}; received {received}\."):
             model().apply(given, xs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"features": 0}, "features must be a positive integer; received 0."),
+    ({"features": 1.5}, "features must be a positive integer; received 1.5."),
+    ({"features": 2, "param_dtype": jnp.int32}, "param_dtype must be a floating-point dtype"),
+])
+def test_a_cell_of_no_features_or_integer_weights_is_refused_when_made(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        ReLUCell(**kwargs)

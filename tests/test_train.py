@@ -285,3 +285,19 @@ def test_equal_settings_share_one_compiled_program_whatever_objects_carry_them()
         train_task("count", seed=seed, settings=task_settings("count", steps=3, lr=0.05))
     after = _program.cache_info()
     assert after.misses - before.misses == 1 and after.hits - before.hits >= 2
+
+
+def test_what_is_not_a_model_an_optimizer_or_data_is_refused_naming_it():
+    from rnnjax import InputError
+
+    batch = count_batch(jax.random.key(0), 8, 5)
+    for kwargs, name in [({"model": RunningCount}, "model"), ({"optimizer": optax.adam}, "optimizer"),
+                         ({"data": (batch.xs, batch.lengths)}, "data"), ({"data": lambda key: batch.xs}, "data")]:
+        arguments = {"model": RunningCount(), "optimizer": ADAM, "data": batch, **kwargs}
+        with pytest.raises(InputError, match=rf"^{name} must (be|give)") as error:
+            fit(arguments["model"], arguments["optimizer"], arguments["data"], seed=0, max_steps=2)
+        assert error.value.name == name
+    with pytest.raises(InputError, match=r"^key must be one JAX random key"):
+        count_batch(0, 8, 5)
+    with pytest.raises(InputError, match=r"^batch_size x length must be"):
+        count_batch(jax.random.key(0), 2**20, 2**20)

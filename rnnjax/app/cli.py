@@ -180,7 +180,7 @@ def train(args) -> int:
     if args.resume and args.overwrite:
         raise InputError("`resume` continues the run in `out` and `overwrite` replaces it: give one of them",
                          "resume")
-    devices = _devices(args.devices)
+    devices = None if args.devices is None else _devices(args.devices)  # None: those that split the batch
     if not args.resume:  # a resumed run's settings are checked against its checkpoint
         table.check_run(tasks.task_settings(args.task, **_given(args)), task=args.task, devices=devices)
     created = False
@@ -274,7 +274,8 @@ def evaluate(args) -> int:
         loaded = runs.load_run(args.params, args.task)
     untrusted = [] if loaded.converged else [f"--params {args.params}: not a converged run ({loaded.status})"]
     if args.task != "count":
-        predicted, exact, error = tasks.l1_check(loaded.params, sequence, args.method, task=args.task)
+        with _argument("sequence", "input"):  # only a file's numbers can sum past float32's range
+            predicted, exact, error = tasks.l1_check(loaded.params, sequence, args.method, task=args.task)
         print(f"length {sequence.size}: predicted {predicted:.9g}, exact {exact:.9g} (float64), "
               f"relative error {error:.2e}")
         if not error <= tasks.L1_EVAL_TOL[args.task]:

@@ -287,8 +287,8 @@ def train_run(
         task, first_seed=record.seed, settings=_training_settings(settings),
         tries=DEAD_SEED_TRIES - len(record.dead_seeds), start=record.start, on_dead=dead,
         on_checkpoint=None if folder is None else save, loop=loop, devices=devices)
-    run = Run(task, settings, record.first_seed, seed, record.dead_seeds, result, record.resumed_at, [],
-              len(jax.devices()) if devices is None else devices)
+    used = devices or max(d for d in range(1, len(jax.devices()) + 1) if settings["batch_size"] % d == 0)
+    run = Run(task, settings, record.first_seed, seed, record.dead_seeds, result, record.resumed_at, [], used)
     return run if out is None else run._replace(paths=_finish(run, out, save))
 
 

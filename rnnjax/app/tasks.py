@@ -185,7 +185,7 @@ def train_task(task: str, *, seed: int, settings: dict | None = None, loop: Loop
       seed: fixes the init and every batch.
       settings: from ``task_settings``; None takes the defaults.
       loop, start: see ``fit``.
-      devices: spread each batch over this many devices (None: all).
+      devices: spread each batch over this many devices (None: the most that split it evenly).
 
     Returns:
       ``fit``'s ``FitResult``; its parameters are the trained ones (``network_params`` gives

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rnnjax.core import checks
+
 __all__ = ["ReLUCell"]
 
 # float32 matrix products on a GPU default to TF32, which rounds inputs to 10 bits of mantissa.
@@ -50,6 +52,13 @@ class ReLUCell(nn.RNNCellBase):
     features: int
     diagonal: bool = False
     param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        checks.integer("features", self.features)
+        if not jnp.issubdtype(self.param_dtype, jnp.floating):
+            raise checks.InputError(f"param_dtype must be a floating-point dtype; received {self.param_dtype}.",
+                                    "param_dtype")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, carry: jax.Array, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:

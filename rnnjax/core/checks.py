@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["InputError", "integer", "seed", "SEED_LIMIT", "number", "choice", "floating_array",
-           "lengths", "cell", "variables"]
+__all__ = ["InputError", "integer", "seed", "SEED_LIMIT", "number", "interface", "choice", "floating_array",
+           "lengths", "cell", "variables", "key"]
 
 SEED_LIMIT = 2**31  # seeds are integers in [0, SEED_LIMIT): what a run records and --seed takes
 
@@ -92,9 +92,22 @@ def number(name: str, value: Any, *, low: float, high: float, open_low: bool = F
         (low < as_float if open_low else low <= as_float)
         and (as_float < high if open_high else as_float <= high))
     if not inside:
-        interval = f"{'(' if open_low else '['}{low:.4g}, {high:.4g}{')' if open_high else ']'}"
-        raise InputError(f"{name} must be a number in {interval}; received {_show(value)}.", name)
+        interval = (f"{'(' if open_low or math.isinf(low) else '['}{low:.4g}, "
+                    f"{high:.4g}{')' if open_high or math.isinf(high) else ']'}")
+        bounded = math.isfinite(low) and math.isfinite(high)
+        kind = f"a number in {interval}" if bounded else "a finite number" + (
+            "" if math.isinf(low) and math.isinf(high) else f" in {interval}")
+        raise InputError(f"{name} must be {kind}; received {_show(value)}.", name)
     return as_float
+
+
+def interface(name: str, value: Any, methods: Sequence[str], what: str) -> Any:
+    """Returns ``value`` if it has every one of ``methods`` (an instance, not a class), such as a
+    flax module's ``init`` and ``apply`` or an optax transformation's ``init`` and ``update``."""
+    if isinstance(value, type) or not all(callable(getattr(value, m, None)) for m in methods):
+        received = f"the class {value.__name__}" if isinstance(value, type) else type(value).__name__
+        raise InputError(f"{name} must be {what} (with {', '.join(methods)}); received {received}.", name)
+    return value
 
 
 def choice(name: str, value: Any, options: Sequence[str]) -> str:
@@ -226,3 +239,15 @@ def _weights(tree: Any) -> dict[str, Any]:
 
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return dict(sorted((jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in flat))
+
+
+def key(name: str, value: Any) -> Any:
+    """Returns ``value`` if it is one JAX random key (``jax.random.key(seed)``)."""
+    import jax
+
+    typed = isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+    raw = isinstance(value, jax.Array) and value.dtype == np.uint32 and value.shape == (2,)  # PRNGKey(seed)
+    if not ((typed and value.shape == ()) or raw):
+        received = f"shape {value.shape}" if isinstance(value, jax.Array) else type(value).__name__
+        raise InputError(f"{name} must be one JAX random key, jax.random.key(seed); received {received}.", name)
+    return value

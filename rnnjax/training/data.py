@@ -11,6 +11,8 @@ from rnnjax.core.masking import length_mask
 
 __all__ = ["Batch", "l1_batch", "count_batch"]
 
+_MOST = 2**31 - 1  # numbers in one batch: JAX indexes an array with 32-bit integers
+
 
 class Batch(NamedTuple):
     """A padded batch of scalar sequences.
@@ -44,8 +46,10 @@ def l1_batch(key: jax.Array, batch_size: int, max_length: int) -> Batch:
       >>> batch.xs.shape, batch.lengths.shape, batch.targets.shape
       ((8, 10), (8,), (8,))
     """
+    key = checks.key("key", key)
     batch_size = checks.integer("batch_size", batch_size)
     max_length = checks.integer("max_length", max_length)
+    checks.integer("batch_size x max_length", batch_size * max_length, high=_MOST)
     length_key, value_key = jax.random.split(key)
     lengths = jax.random.randint(length_key, (batch_size,), 1, max_length + 1, jnp.int32)
     # The numbers of a (batch_size, max_length) draw (threefry's counters are the flat index),
@@ -90,8 +94,10 @@ def count_batch(key: jax.Array, batch_size: int, length: int) -> Batch:
       >>> bool((batch.targets[:, -1] == batch.xs.sum(axis=1)).all())
       True
     """
+    key = checks.key("key", key)
     batch_size = checks.integer("batch_size", batch_size)
     length = checks.integer("length", length)
+    checks.integer("batch_size x length", batch_size * length, high=_MOST)
     xs = jax.random.bernoulli(key, 0.5, (batch_size, length)).astype(jnp.float32)
     lengths = jnp.full((batch_size,), length, jnp.int32)
     return Batch(xs, lengths, jnp.cumsum(xs, axis=1))

@@ -145,7 +145,8 @@ class StepOptions(NamedTuple):
       skip_nonfinite: how many non-finite updates in a row ``optax.apply_if_finite`` skips
         before the fit diverges; 0 stops at the first.
       devices: spread each batch over this many of ``jax.devices()`` (its first axis split
-        evenly; parameters and optimizer state copied to each), None for all of them. On one
+        evenly; parameters and optimizer state copied to each), None for the most of them that
+        split the batch evenly. On one
         device nothing is placed; on several the results equal one device's to float32 rounding.
     """
 
@@ -266,14 +267,32 @@ def _placement(draw, options: StepOptions):
 
 
 def _spec(model, optimizer, data, rules: StopRules, options: StepOptions) -> _Spec:
+    """The checked description of a fit (``options.devices`` None: the most devices that split
+    the batch evenly)."""
+    checks.interface("model", model, ("init", "apply"), "a flax module or a Reparametrized model")
+    checks.interface("optimizer", optimizer, ("init", "update"), "an optax transformation, e.g. optax.adam(0.1)")
+    if not isinstance(options, StepOptions):
+        raise checks.InputError(f"options must be a StepOptions; received {type(options).__name__}.", "options")
+    batch = check_data(data)
+    options = options._replace(skip_nonfinite=checks.integer("skip_nonfinite", options.skip_nonfinite, low=0))
+    if options.devices is None:
+        available = len(jax.devices())
+        options = options._replace(devices=max(d for d in range(1, available + 1) if batch % d == 0))
     draw = None if isinstance(data, Batch) else data
     return _Spec(model, optimizer, draw, rules._replace(max_steps=1), options)
 
 
-def _checked_options(options: StepOptions) -> StepOptions:
-    if not isinstance(options, StepOptions):
-        raise checks.InputError(f"options must be a StepOptions; received {type(options).__name__}.", "options")
-    return options._replace(skip_nonfinite=checks.integer("skip_nonfinite", options.skip_nonfinite, low=0))
+def check_data(data: Any) -> int:
+    """Refuses ``data`` that is neither a ``Batch`` nor a function ``key -> Batch``; returns its
+    batch size."""
+    if not isinstance(data, Batch) and not callable(data):
+        raise checks.InputError(f"data must be a Batch or a function key -> Batch; received {type(data).__name__}.",
+                                "data")
+    batch = data if isinstance(data, Batch) else jax.eval_shape(lambda key: data(key), jax.random.key(0))
+    if not isinstance(batch, Batch):
+        raise checks.InputError(f"data must give a Batch(xs, lengths, targets); it gave {type(batch).__name__}.",
+                                "data")
+    return batch.xs.shape[0]
 
 
 def fit_start(
@@ -300,8 +319,8 @@ def fit_start(
       >>> start.steps, start.stop_reason, start.history["loss"].shape
       (0, 'running', (0,))
     """
-    return _start(_spec(model, optimizer, data, StopRules(1), _checked_options(options)), data,
-                  checks.seed("seed", seed), abstract=abstract)
+    return _start(_spec(model, optimizer, data, StopRules(1), options), data, checks.seed("seed", seed),
+                  abstract=abstract)
 
 
 def _start(spec: _Spec, data, seed: int, *, abstract: bool = False) -> FitResult:
@@ -383,7 +402,7 @@ def fit(
     """
     rules = StopRules.checked(max_steps=max_steps, target_weight=target_weight, weight_tol=weight_tol,
                               loss_tol=loss_tol, dead_steps=dead_steps)
-    spec = _spec(model, optimizer, data, rules, _checked_options(options))
+    spec = _spec(model, optimizer, data, rules, options)
     seed, loop = checks.seed("seed", seed), _checked_loop(loop)
     _check_tolerances(spec, data, seed)
     start = _start(spec, data, seed) if start is None else _checked_start(start, rules)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from rnnjax.core import checks
 from rnnjax.training.data import Batch
 from rnnjax.training.devices import device_mesh
-from rnnjax.training.fit import TrainState, init_state, make_train_step, squared_error, weight_elements
+from rnnjax.training.fit import TrainState, check_data, init_state, make_train_step, squared_error, weight_elements
 from rnnjax.training.stopping import StopRules, reason, stop_code, within
 
 __all__ = ["OUTCOMES", "SweepResult", "sweep", "summarize", "loss_landscape"]
@@ -154,6 +154,11 @@ def sweep(
     checks.seed("the last seed, first_seed + seeds - 1", first_seed + seeds - 1)
     data_seed = None if data_seed is None else checks.seed("data_seed", data_seed)
     tracked = checks.integer("tracked", tracked, low=0)
+    checks.interface("model", model, ("init", "apply"), "a flax module or a Reparametrized model")
+    checks.interface("optimizer", optimizer, ("init", "update"), "an optax transformation, e.g. optax.adam(0.1)")
+    check_data(data)
+    target = checks.number("target", target, low=-np.inf, high=np.inf)
+    tol = checks.number("tol", tol, low=0, high=np.inf, open_low=True)
     rules = StopRules.checked(max_steps=steps, target_weight=target, weight_tol=tol, dead_steps=1)
     mesh = device_mesh(devices, axis="seeds")
     per_seed, replicated = NamedSharding(mesh, P("seeds")), NamedSharding(mesh, P())
