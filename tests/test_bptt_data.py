@@ -110,3 +110,18 @@ def test_count_batch_targets_are_running_counts():
 def test_batches_reject_bad_sizes(fn, sizes, match):
     with pytest.raises(ValueError, match=match):
         fn(jax.random.key(0), *sizes)
+
+
+def test_bptt_and_the_loss_refuse_weights_and_targets_that_do_not_fit():
+    from rnnjax import InputError, squared_error
+
+    xs = jnp.ones((2, 3))
+    for args, name in [((jnp.ones((1, 1)), 1.0, xs, jnp.zeros((2, 3))), "w_ih"), (("1", 1.0, xs, jnp.zeros((2, 3))), "w_ih"),
+                       ((1.0, 1.0, xs, jnp.zeros(3)), "targets")]:
+        with pytest.raises(InputError, match=rf"^{name} must") as error:
+            bptt.grad(*args)
+        assert error.value.name == name
+    with pytest.raises(InputError, match=r"^targets must have the predictions' shape \(3,\); received \(4,\)"):
+        squared_error(jnp.ones(3), jnp.ones(4), None)
+    with pytest.raises(InputError, match=r"^lengths must lie in \[0, 3\]"):
+        squared_error(jnp.ones((1, 3)), jnp.ones((1, 3)), jnp.array([5]))

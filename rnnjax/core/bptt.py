@@ -36,7 +36,7 @@ def forward(w_ih, w_hh, xs, lengths=None) -> tuple[jax.Array, jax.Array]:
       xs: ``(batch, time)`` inputs.
       lengths: ``(batch,)`` integers; None means every sequence is full.
     """
-    xs, lengths = _checked(xs, lengths)
+    xs, lengths = _checked(xs, lengths, w_ih, w_hh)
     return _forward(w_ih, w_hh, xs, length_mask(lengths, xs.shape[1]))
 
 
@@ -62,7 +62,7 @@ def loss(w_ih, w_hh, xs, targets, lengths=None) -> jax.Array:
       >>> float(loss(1.0, 1.0, xs, jnp.cumsum(xs, axis=1)))
       0.0
     """
-    xs, lengths = _checked(xs, lengths)
+    xs, lengths = _checked(xs, lengths, w_ih, w_hh, targets)
     mask = length_mask(lengths, xs.shape[1])
     _, h = _forward(w_ih, w_hh, xs, mask)
     return 0.5 * jnp.sum(jnp.where(mask, h - targets, 0) ** 2)
@@ -86,7 +86,7 @@ def grad(w_ih, w_hh, xs, targets, lengths=None) -> tuple[jax.Array, jax.Array]:
       >>> [float(g) for g in grad(1.0, 1.0, xs, jnp.zeros((1, 2)))]  # h = (1, 2)
       [5.0, 2.0]
     """
-    xs, lengths = _checked(xs, lengths)
+    xs, lengths = _checked(xs, lengths, w_ih, w_hh, targets)
     mask = length_mask(lengths, xs.shape[1])
     xs = jnp.where(mask, xs, 0)  # as in forward: padding must not reach the sums below
     z, h = _forward(w_ih, w_hh, xs, mask)
@@ -108,6 +108,13 @@ def grad(w_ih, w_hh, xs, targets, lengths=None) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(deltas * xs), jnp.sum(deltas * previous)
 
 
-def _checked(xs, lengths):
+def _checked(xs, lengths, w_ih=0.0, w_hh=0.0, targets=None):
+    """``xs`` and ``lengths`` checked, and the scalar weights and the targets of ``xs``'s shape."""
     xs = checks.floating_array("xs", xs, shapes=("(batch, time)",))
+    for name, w in (("w_ih", w_ih), ("w_hh", w_hh)):
+        if isinstance(w, (str, bytes)) or w is None or jnp.ndim(w) != 0:
+            raise checks.InputError(f"{name} must be a scalar weight; received {w!r:.60}.", name)
+    if targets is not None and jnp.shape(targets) != xs.shape:
+        raise checks.InputError(f"targets must have the shape of xs, {xs.shape}; received {jnp.shape(targets)}.",
+                                "targets")
     return xs, checks.lengths(lengths, *xs.shape)

@@ -141,7 +141,7 @@ def floating_array(name: str, value: Any, *, shapes: Sequence[str] = ()) -> Any:
     if not jnp.issubdtype(value.dtype, jnp.floating):
         raise InputError(f"{name} must be a floating-point array; received dtype {value.dtype}. "
                          f"Convert it with {name}.astype(jnp.float32).", name)
-    ranks = [shape.count(",") + 1 for shape in shapes]
+    ranks = [len([axis for axis in shape.strip("()").split(",") if axis.strip()]) for shape in shapes]
     if shapes and value.ndim not in ranks:
         fix = " Add a features axis with xs[..., None], or a batch axis with xs[None]."
         raise InputError(f"{name} must have shape {' or '.join(shapes)}; received shape "

@@ -73,9 +73,21 @@ def init_state(
 
 
 def squared_error(predictions: jax.Array, targets: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Mean squared error; for ``(batch, time)`` predictions, over the steps before each length."""
+    """Mean squared error; for ``(batch, time)`` predictions, over the steps before each length.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(squared_error(jnp.array([[1.0, 5.0]]), jnp.array([[2.0, 0.0]]), jnp.array([1])))
+      1.0
+    """
+    predictions = checks.floating_array("predictions", predictions, shapes=("(batch,)", "(batch, time)"))
+    targets = checks.floating_array("targets", targets)
+    if targets.shape != predictions.shape:
+        raise checks.InputError(f"targets must have the predictions' shape {predictions.shape}; received "
+                                f"{targets.shape}.", "targets")
     if predictions.ndim == 1:
         return jnp.mean((predictions - targets) ** 2)
+    lengths = checks.lengths(lengths, *predictions.shape, sequences="predictions")
     mask = length_mask(lengths, predictions.shape[1])
     errors = jnp.where(mask, predictions - targets, 0)
     return jnp.sum(errors**2) / jnp.maximum(jnp.sum(mask), 1)
