@@ -387,6 +387,7 @@ def _run(argv: list[str] | None) -> int:
     bug, its traceback, one line and 1."""
     args = _parser().parse_args(argv)
     try:
+        _load_libraries()
         return args.run(args)
     except KeyboardInterrupt:
         print("rnnjax: interrupted", file=sys.stderr)
@@ -401,6 +402,22 @@ def _run(argv: list[str] | None) -> int:
             failure = f"internal error, a bug in rnnjax: {type(e).__name__}: {_one_line(e)[:200]}"
         print(f"rnnjax: error: {failure}", file=sys.stderr)
         return 1
+
+
+def _load_libraries() -> None:
+    """Imports JAX and what the commands use, a second or two, with Ctrl-C counted rather than
+    raised: a KeyboardInterrupt inside a C extension's import aborts the process or turns into
+    an ImportError. A press meanwhile is raised once the imports are done."""
+    presses: list[int] = []
+    counting = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # not started with Ctrl-C ignored
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: presses.append(signum)) if counting else None
+    try:
+        from rnnjax.app import runs, sweep_runs, tasks  # noqa: F401  (they import JAX, Flax, optax)
+    finally:
+        if counting:
+            signal.signal(signal.SIGINT, previous)
+    if presses:
+        raise KeyboardInterrupt
 
 
 def _machine_failure(error: Exception) -> str | None:
