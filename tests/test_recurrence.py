@@ -151,13 +151,16 @@ PARAMS = {"params": {"W_ih": jnp.ones((1, 1)), "W_hh": jnp.ones((1, 1))}}
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"xs": jnp.ones((2, 3))}, ValueError, r"\(batch, time, features\); received shape \(2, 3\)"),
-        ({"xs": jnp.ones((2, 3, 1, 1))}, ValueError, r"received shape \(2, 3, 1, 1\)"),
+        ({"xs": jnp.ones((3,))}, ValueError, r"\(\*batch, time, features\); received shape \(3,\)"),
+        ({"xs": jnp.ones((2, 3))}, ValueError, r"xs of shape \(2, 3\).* xs\[\.\.\., None\]"),
+        ({"xs": jnp.ones((2, 3, 1, 2))}, ValueError, r"expected weights .*'W_ih': \(2, 1\).*received .*\(1, 1\)"),
         ({"xs": jnp.ones((0, 3, 1))}, ValueError, r"at least one sequence .* \(0, 3, 1\)"),
         ({"xs": jnp.ones((2, 0, 1))}, ValueError, r"one time step; received shape \(2, 0, 1\)"),
         ({"xs": jnp.ones((2, 3, 1), jnp.int32)}, TypeError, r"floating-point .* received dtype int32"),
         ({"lengths": jnp.array([1, 2, 3])}, ValueError, r"shape \(batch,\) = \(2,\) .* received shape \(3,\)"),
         ({"lengths": jnp.array([[1, 2]])}, ValueError, r"received shape \(1, 2\)"),
+        ({"xs": jnp.ones((2, 4, 3, 1)), "lengths": jnp.array([1, 2])}, ValueError,
+         r"shape \(\*batch,\) = \(2, 4\) .* received shape \(2,\)"),
         ({"lengths": jnp.array([1.0, 2.0])}, TypeError, r"integers; received dtype float32"),
         ({"lengths": jnp.array([1, 4])}, ValueError, r"\[0, 3\] .* from 1 to 4"),
         ({"lengths": jnp.array([-1, 2])}, ValueError, r"\[0, 3\] .* from -1 to 2"),

@@ -37,7 +37,9 @@ class ReLUCell(nn.RNNCellBase):
       diagonal: if True, ``W_hh`` is a vector of shape ``(features,)`` and the recurrence is
         elementwise, ``h * W_hh``. Cells with ``features == 1`` or ``diagonal=True`` can be
         evaluated in parallel over time (``rnnjax.rnn(..., method="parallel")``).
-      param_dtype: dtype of the weights and of the carry.
+      dtype: dtype of the computation and of the new state; None (the default) promotes the
+        inputs, the state and the weights together, as flax's cells do.
+      param_dtype: dtype of the weights and of the zero carry.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -51,13 +53,15 @@ class ReLUCell(nn.RNNCellBase):
 
     features: int
     diagonal: bool = False
+    dtype: Any = None
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         checks.integer("features", self.features)
-        if not jnp.issubdtype(self.param_dtype, jnp.floating):
-            raise checks.InputError(f"param_dtype must be a floating-point dtype; received {self.param_dtype}.",
-                                    "param_dtype")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if (value is not None or name == "param_dtype") and not jnp.issubdtype(value, jnp.floating):
+                raise checks.InputError(f"{name} must be a floating-point dtype; received {value}.", name)
         super().__post_init__()
 
     @nn.compact
@@ -75,10 +79,10 @@ class ReLUCell(nn.RNNCellBase):
         w_ih = self.param("W_ih", init, (inputs.shape[-1], self.features), self.param_dtype)
         if self.diagonal:
             w_hh = self.param("W_hh", init, (self.features,), self.param_dtype)
-            recurrent = carry * w_hh
         else:
             w_hh = self.param("W_hh", init, (self.features, self.features), self.param_dtype)
-            recurrent = jnp.dot(carry, w_hh, precision=PRECISION)
+        inputs, carry, w_ih, w_hh = nn.dtypes.promote_dtype(inputs, carry, w_ih, w_hh, dtype=self.dtype)
+        recurrent = carry * w_hh if self.diagonal else jnp.dot(carry, w_hh, precision=PRECISION)
         new_carry = nn.relu(jnp.dot(inputs, w_ih, precision=PRECISION) + recurrent)
         return new_carry, new_carry
 

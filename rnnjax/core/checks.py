@@ -117,12 +117,16 @@ def choice(name: str, value: Any, options: Sequence[str]) -> str:
     return value
 
 
-def floating_array(name: str, value: Any, *, shapes: Sequence[str] = ()) -> Any:
-    """Returns ``value`` as a JAX array after checking that it is floating point, has no empty
-    axis and, given ``shapes`` (e.g. ``("(batch, time, features)",)``), one of those ranks.
+def floating_array(name: str, value: Any, *, shapes: Sequence[str] = (), complex_ok: bool = False) -> Any:
+    """Returns ``value`` as a JAX array after checking that it is floating point (or complex,
+    given ``complex_ok``), has no empty axis and, given ``shapes`` (e.g.
+    ``("(batch, time, features)",)``), one of those ranks; an axis written ``*batch`` stands for
+    any number of axes, none included.
 
     Example:
       >>> floating_array("xs", [[1.0, 2.0]], shapes=("(batch, time)",)).shape
+      (1, 2)
+      >>> floating_array("xs", [[1.0, 2.0]], shapes=("(*batch, time, features)",)).shape
       (1, 2)
     """
     import jax
@@ -138,11 +142,11 @@ def floating_array(name: str, value: Any, *, shapes: Sequence[str] = ()) -> Any:
         if value.dtype.kind in "OSUV":
             raise InputError(f"{name} must be a floating-point array; received {received} of dtype "
                              f"{value.dtype}.", name)
-    if not jnp.issubdtype(value.dtype, jnp.floating):
-        raise InputError(f"{name} must be a floating-point array; received dtype {value.dtype}. "
+    if not jnp.issubdtype(value.dtype, jnp.inexact if complex_ok else jnp.floating):
+        kind = "floating-point or complex" if complex_ok else "floating-point"
+        raise InputError(f"{name} must be a {kind} array; received dtype {value.dtype}. "
                          f"Convert it with {name}.astype(jnp.float32).", name)
-    ranks = [len([axis for axis in shape.strip("()").split(",") if axis.strip()]) for shape in shapes]
-    if shapes and value.ndim not in ranks:
+    if shapes and not any(_fits(value.ndim, shape) for shape in shapes):
         fix = " Add a features axis with xs[..., None], or a batch axis with xs[None]."
         raise InputError(f"{name} must have shape {' or '.join(shapes)}; received shape "
                          f"{tuple(value.shape)}." + (fix if name == "xs" else ""), name)
@@ -152,9 +156,18 @@ def floating_array(name: str, value: Any, *, shapes: Sequence[str] = ()) -> Any:
     return jnp.asarray(value)
 
 
-def lengths(value: Any, batch: int, time: int, *, sequences: str = "xs") -> Any:
-    """Returns the ``(batch,)`` ``lengths`` of sequences of ``time`` steps as int32 in ``[0, time]``;
-    None means every sequence is full.
+def _fits(rank: int, shape: str) -> bool:
+    """Whether an array of ``rank`` axes can have ``shape``, e.g. ``"(*batch, time, features)"``."""
+    axes = [axis.strip() for axis in shape.strip("()").split(",") if axis.strip()]
+    fixed = [axis for axis in axes if not axis.startswith("*")]
+    return rank >= len(fixed) if len(fixed) < len(axes) else rank == len(fixed)
+
+
+def lengths(value: Any, batch: int | tuple[int, ...], time: int, *, sequences: str = "xs",
+            name: str = "lengths") -> Any:
+    """Returns the ``lengths`` of sequences of ``time`` steps as int32 in ``[0, time]``, shaped
+    ``(batch,)`` (or ``batch`` when it is a shape, several batch axes or none); None means every
+    sequence is full.
 
     Concrete lengths outside ``[0, time]`` are refused; traced ones (under ``jit``, where the
     values are unknown) are clipped in their own type: above ``time`` acts as ``time``, below 0
@@ -168,24 +181,26 @@ def lengths(value: Any, batch: int, time: int, *, sequences: str = "xs") -> Any:
     import jax
     import jax.numpy as jnp
 
+    shape = tuple(batch) if isinstance(batch, tuple) else (batch,)
     if value is None:
-        return jnp.full((batch,), time, jnp.int32)
+        return jnp.full(shape, time, jnp.int32)
     if not isinstance(value, jax.core.Tracer):  # under jit the values are unknown
         value = np.asarray(value)  # keeps int64 and uint types, so the range check sees them
         if value.dtype == object and all(type(n) is int for n in value.flat):  # beyond 64 bits
             as_float = np.asarray(value, np.float64)
-            raise InputError(f"lengths must lie in [0, {time}] (the time axis of {sequences}); received "
-                             f"values from {as_float.min():.4g} to {as_float.max():.4g}.", "lengths")
-    if value.shape != (batch,):
-        raise InputError(f"lengths must have shape (batch,) = ({batch},) to match {sequences}; "
-                         f"received shape {value.shape}.", "lengths")
+            raise InputError(f"{name} must lie in [0, {time}] (the time axis of {sequences}); received "
+                             f"values from {as_float.min():.4g} to {as_float.max():.4g}.", name)
+    if value.shape != shape:
+        axes = "(batch,)" if isinstance(batch, int) else "(*batch,)"
+        raise InputError(f"{name} must have shape {axes} = {shape} to match {sequences}; "
+                         f"received shape {value.shape}.", name)
     if not jnp.issubdtype(value.dtype, jnp.integer):
-        raise InputError(f"lengths must be integers; received dtype {value.dtype}. Convert them "
-                         "with lengths.astype(jnp.int32).", "lengths")
+        raise InputError(f"{name} must be integers; received dtype {value.dtype}. Convert them "
+                         f"with {name}.astype(jnp.int32).", name)
     if isinstance(value, np.ndarray):
         if value.min() < 0 or value.max() > time:
-            raise InputError(f"lengths must lie in [0, {time}] (the time axis of {sequences}); "
-                             f"received values from {value.min()} to {value.max()}.", "lengths")
+            raise InputError(f"{name} must lie in [0, {time}] (the time axis of {sequences}); "
+                             f"received values from {value.min()} to {value.max()}.", name)
         return jnp.asarray(value.astype(np.int32))
     if jnp.iinfo(value.dtype).bits > 32 or jnp.iinfo(value.dtype).max > jnp.iinfo(jnp.int32).max:
         # Traced: clip in the lengths' own type first, so that uint32 and 64-bit values cannot

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+import functools
+from typing import Any, Callable, Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -14,10 +15,12 @@ from rnnjax.core.cell import PRECISION, ReLUCell
 from rnnjax.core.masking import length_mask
 from rnnjax.core.parallel import scan
 
-__all__ = ["Method", "METHODS", "rnn", "run", "resolve_method"]
+__all__ = ["Method", "METHODS", "rnn", "run", "resolve_method", "flip_sequences", "initial_carry"]
 
 Method = Literal["sequential", "parallel", "auto"]
 METHODS: tuple[str, ...] = get_args(Method)
+# loop(body, carry, xs) -> (carry, ys): lax.scan of body(step, carry, x) with a cell's step.
+Loop = Callable[[Callable, Any, Any], tuple[Any, Any]]
 
 # lax.scan unroll factor per backend, from benchmarks/NOTES.md: on a CPU unrolling does not pay
 # (unroll 16 or more is 10-30x slower); on an H100 unroll 8 took a plain scan from 105 to 13.6 ms.
@@ -31,8 +34,8 @@ _ACCELERATOR_UNROLL = 8
 AUTO_PARALLEL_FROM = 256
 
 
-def _parallel_refusal(cell: nn.Module) -> str | None:
-    """Why ``cell`` cannot be evaluated in parallel, or None if it can."""
+def _parallel_refusal(cell: nn.Module, dtype: Any = jnp.float32) -> str | None:
+    """Why ``cell`` cannot be evaluated in parallel on inputs of ``dtype``, or None if it can."""
     if not isinstance(cell, ReLUCell):
         return (f"method='parallel' needs a ReLUCell; received {type(cell).__name__}. "
                 "Use method='sequential'.")
@@ -41,10 +44,12 @@ def _parallel_refusal(cell: nn.Module) -> str | None:
                 f"received ReLUCell(features={cell.features}) whose W_hh is a full "
                 f"{cell.features}x{cell.features} matrix. Use method='sequential', or "
                 "ReLUCell(features, diagonal=True).")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return f"method='parallel' needs real inputs; received dtype {dtype}. Use method='sequential'."
     return None
 
 
-def resolve_method(cell: nn.Module, method: str, *, time: int | None = None) -> str:
+def resolve_method(cell: nn.Module, method: str, *, time: int | None = None, dtype: Any = jnp.float32) -> str:
     """Returns the method ``rnn`` will use, or raises if ``cell`` cannot use the one asked for.
 
     "auto" is the fastest method that is accurate (benchmarks/NOTES.md, "What auto picks"):
@@ -56,8 +61,9 @@ def resolve_method(cell: nn.Module, method: str, *, time: int | None = None) -> 
       cell: the cell ``rnn`` runs.
       method: "sequential", "parallel" or "auto" (checked by the caller).
       time: the number of steps, for "auto"; None counts as short.
+      dtype: the inputs' dtype (complex inputs run sequentially).
     """
-    refusal = _parallel_refusal(cell)
+    refusal = _parallel_refusal(cell, dtype)
     if method == "parallel" and refusal:
         raise checks.InputError(refusal, "method")
     if method == "auto":
@@ -74,36 +80,46 @@ def rnn(
     *,
     initial_state: Any = None,
     method: Method = "auto",
+    reverse: bool = False,
+    keep_order: bool = False,
 ) -> tuple[Any, jax.Array]:
     """Runs ``cell`` over the time axis of ``xs``, each sequence stopping at its length.
 
     Past a sequence's length its carry is frozen and its outputs are zero; padded inputs are
     replaced by zeros before they reach the cell, so neither the result nor its gradient depends
-    on them (NaN included).
+    on them (NaN included). That covers what ``rnn`` computes from ``xs``; a layer that computes
+    ``xs`` from padded data still sees the padding, so mask its input first:
+    ``jnp.where(jnp.arange(time)[None, :, None] < lengths[:, None, None], raw, 0)``.
 
     Args:
       cell: a ``ReLUCell``; with ``method="sequential"``, any flax cell whose
         ``__call__(carry, x)`` returns ``(new_carry, output)`` and whose carry is an array or a
-        pytree of arrays (``nn.LSTMCell``, ``nn.GRUCell``, ...).
+        pytree of arrays (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.ConvLSTMCell``, ...).
       params: the cell's variables, as returned by ``cell.init``.
-      xs: inputs, ``(batch, time, features)``, floating point.
-      lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full. The
+      xs: inputs, ``(*batch, time, features)``: any number of batch axes (none included), then
+        time, then ``cell.num_feature_axes`` feature axes (``(height, width, channels)`` for a
+        ``ConvLSTMCell``); floating point, or complex for a cell that computes in complex
+        numbers (sequential only).
+      lengths: ``(*batch,)`` integers in ``[0, time]``; None means every sequence is full. The
         range is checked when the values are concrete; under ``jit`` a length above ``time``
         acts as ``time`` and a negative one as 0, whatever the integer type.
       initial_state: the carry before the first step, shaped like
-        ``cell.initialize_carry(key, xs[:, 0].shape)``; None means that (zeros).
+        ``cell.initialize_carry(key, xs[..., 0, :].shape)``; None means that (zeros).
       method: "sequential" (one ``lax.scan``), "parallel" (the exact blocked scan of
         ``rnnjax.core.parallel``; ``ReLUCell`` with ``features == 1`` or ``diagonal=True`` only;
-        weights below float32 precision are computed in float32 and returned in their dtype,
-        saturating at its largest finite value: 65504 for float16, where the loop's float16
-        sum of ones stalls at 2048), or "auto" (see
-        ``resolve_method``).
+        weights below float32 precision are computed in float32 and returned in the cell's
+        dtype, saturating at its largest finite value: 65504 for float16, where the loop's
+        float16 sum of ones stalls at 2048), or "auto" (see ``resolve_method``).
+      reverse: run each sequence from its last real step back to its first; the padding stays
+        at the end.
+      keep_order: with ``reverse``, return the outputs in the inputs' order (step t's output
+        next to ``xs[..., t, :]``) instead of the order in which they were computed.
 
     Returns:
-      ``(final_state, states)``: ``final_state`` is the carry after step ``lengths[b] - 1`` (the
-      initial state where the length is 0); ``states`` ``(batch, time, out_features)`` holds the
-      cell's output at each step, zero from ``lengths[b]`` on. For a ``ReLUCell`` the output is
-      the state, ``(batch, time, features)``.
+      ``(final_state, states)``: ``final_state`` is the carry after the last real step (the
+      initial state where the length is 0); ``states`` ``(*batch, time, out_features)`` holds
+      the cell's output at each step, zero past each length. The carry and outputs have the
+      dtype one step of the cell returns. For a ``ReLUCell`` the output is the state.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -115,81 +131,136 @@ def rnn(
       ((2, 1), (2, 3, 1), True)
     """
     cell = checks.cell("cell", cell)
-    xs = checks.floating_array("xs", xs, shapes=("(batch, time, features)",))
+    features = cell.num_feature_axes
+    xs = checks.floating_array("xs", xs, complex_ok=True,
+                               shapes=(f"(*batch, time, {', '.join(_feature_names(features))})",))
     method = checks.choice("method", method, METHODS)
-    batch, time, _ = xs.shape
-    expected_params, expected_carry = _expected(cell, xs)
+    batch_shape, time = xs.shape[:xs.ndim - features - 1], xs.shape[xs.ndim - features - 1]
+    step_shape = (*batch_shape, *xs.shape[xs.ndim - features:])
+    expected_params, expected_carry = _expected(cell, step_shape, xs.dtype)
+    fix = f" Initialise the cell with inputs shaped like one step of xs, {step_shape}"
+    fix += ", or give xs a features axis: xs[..., None]." if features == 1 and xs.ndim == 2 else "."
     params = checks.variables("params", params, expected_params, what=f"this cell and xs of shape {xs.shape}",
-                              fix=f" Initialise the cell with inputs shaped like xs[:, 0] = {xs[:, 0].shape}.")
-    lengths = checks.lengths(lengths, batch, time)
-    initial_state = _initial_state(initial_state, expected_carry)
-    return run(cell, params, xs, lengths, initial_state, resolve_method(cell, method, time=time))
+                              fix=fix)
+    lengths = checks.lengths(lengths, batch_shape if len(batch_shape) != 1 else batch_shape[0], time)
+    initial_state = initial_carry("initial_state", initial_state, expected_carry)
+    method = resolve_method(cell, method, time=time, dtype=xs.dtype)
+    return run(cell, params, xs, lengths, initial_state, method, reverse=reverse, keep_order=keep_order)
+
+
+def _feature_names(count: int) -> list[str]:
+    return ["features"] if count == 1 else [f"feature_{axis}" for axis in range(count)]
 
 
 def run(cell: nn.Module, params: Any, xs: jax.Array, lengths: jax.Array, initial_state: Any,
-        method: str) -> tuple[Any, jax.Array]:
-    """``rnn`` on checked arguments: ``lengths`` int32 in ``[0, time]``, ``initial_state`` the
-    carry (or None for zeros), ``method`` "sequential" or "parallel" (as ``resolve_method``
-    returns it). What the models call after checking their own arguments."""
-    time = xs.shape[1]
+        method: str, *, reverse: bool = False, keep_order: bool = False, unroll: int | None = None,
+        loop: Loop | None = None) -> tuple[Any, jax.Array]:
+    """``rnn`` on checked arguments: ``lengths`` int32 in ``[0, time]`` shaped like the batch
+    axes, ``initial_state`` the carry (or None for zeros), ``method`` "sequential" or "parallel"
+    (as ``resolve_method`` returns it). What ``rnnjax.RNN`` calls after checking its arguments.
+
+    ``unroll`` is ``lax.scan``'s (None: the measured best for the backend). ``loop``, given,
+    replaces ``lax.scan`` for the sequential method: ``loop(body, carry, xs)`` must return
+    ``lax.scan(lambda carry, x: body(step, carry, x), carry, xs)`` for a ``step(carry, x)`` of
+    its own (``rnnjax.RNN`` passes flax's lifted ``nn.scan``, which owns the cell's variables and
+    random numbers; ``params`` is then unused).
+    """
+    batch_axes = lengths.ndim
+    batch_shape, time = xs.shape[:batch_axes], xs.shape[batch_axes]
+    xs = xs.reshape(-1, *xs.shape[batch_axes:])  # (batch, time, *features), one batch axis
+    lengths = lengths.reshape(-1)
     if initial_state is None:
-        initial_state = cell.initialize_carry(jax.random.key(0), xs[:, 0].shape)
-    # The carry in the dtype one step returns (inputs, weights and state promoted together).
-    step = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
-    initial_state = jax.tree.map(lambda h, s: h.astype(s.dtype), initial_state, step)
-    xs = jnp.where(length_mask(lengths, time)[..., None], xs, 0)
-    return (_parallel if method == "parallel" else _sequential)(cell, params, xs, lengths, initial_state)
+        initial_state = cell.initialize_carry(jax.random.key(0), (*batch_shape, *xs.shape[2:]))
+    initial_state = jax.tree.map(lambda leaf: leaf.reshape(-1, *leaf.shape[batch_axes:]), initial_state)
+    if loop is None:
+        # The carry in the dtype one step returns (inputs, weights and state promoted together).
+        step = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
+        initial_state = jax.tree.map(lambda h, s: h.astype(s.dtype), initial_state, step)
+        unroll = unroll or _UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL)
+        loop = functools.partial(_scan, functools.partial(cell.apply, params), unroll)
+    xs = jnp.where(_expand(length_mask(lengths, time), xs), xs, 0)
+    if reverse:
+        xs = flip_sequences(xs, lengths)
+    if method == "parallel":
+        final_state, states = _parallel(cell, params, xs, lengths, initial_state)
+    else:
+        final_state, states = _sequential(loop, xs, lengths, initial_state)
+    if reverse and keep_order:
+        states = flip_sequences(states, lengths)
+    unflatten = lambda leaf: leaf.reshape(*batch_shape, *leaf.shape[1:])
+    return jax.tree.map(unflatten, final_state), jax.tree.map(unflatten, states)
 
 
-def _expected(cell: nn.Module, xs: jax.Array) -> tuple[Any, Any]:
-    """The shapes of ``cell.init``'s variables and of its zero carry for inputs like ``xs``: one
-    trace of the cell."""
+def flip_sequences(xs: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Reverses each sequence of ``xs`` ``(batch, time, ...)`` within its length; the padding
+    stays at the end (reversed too).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> flip_sequences(jnp.array([[1, 2, 3, 0], [4, 5, 0, 0]]), jnp.array([3, 2]))
+      Array([[3, 2, 1, 0],
+             [5, 4, 0, 0]], dtype=int32)
+    """
+    time = xs.shape[1]
+    index = (lengths[:, None] - 1 - jnp.arange(time)[None]) % time  # (batch, time)
+    return jnp.take_along_axis(xs, index.reshape(*index.shape, *(1,) * (xs.ndim - 2)), axis=1)
+
+
+def _expand(mask: jax.Array, like: jax.Array) -> jax.Array:
+    """``mask`` with trailing axes of size 1, to broadcast against ``like``."""
+    return mask.reshape(*mask.shape, *(1,) * (like.ndim - mask.ndim))
+
+
+def _expected(cell: nn.Module, step_shape: tuple[int, ...], dtype: Any) -> tuple[Any, Any]:
+    """The shapes of ``cell.init``'s variables and of its zero carry for one step's inputs of
+    ``step_shape``: one trace of the cell."""
     def init(key, step):
         carry = cell.initialize_carry(key, step.shape)
         return cell.init(key, carry, step), carry
 
-    return jax.eval_shape(init, jax.random.key(0), xs[:, 0])
+    return jax.eval_shape(init, jax.random.key(0), jax.ShapeDtypeStruct(step_shape, dtype))
 
 
-def _initial_state(initial_state: Any, expected: Any) -> Any:
-    """Checks ``initial_state`` against the shapes of the cell's carry; None stays None."""
-    if initial_state is None:
+def initial_carry(name: str, value: Any, expected: Any) -> Any:
+    """Checks a given carry ``value`` against the shapes of the cell's carry; None stays None."""
+    if value is None:
         return None
-    leaves = jax.tree.leaves(initial_state)
-    if not leaves or not all(isinstance(leaf, jax.Array) or np.asarray(leaf).dtype.kind in "biuf" for leaf in leaves):
-        raise checks.InputError(f"initial_state must be an array, or a pytree of arrays like the cell's carry; "
-                                f"received {type(initial_state).__name__}.", "initial_state")
-    initial_state = jax.tree.map(jnp.asarray, initial_state)
-    received = jax.tree.map(lambda leaf: leaf.shape, initial_state)
+    leaves = jax.tree.leaves(value)
+    if not leaves or not all(isinstance(leaf, jax.Array) or np.asarray(leaf).dtype.kind in "biufc" for leaf in leaves):
+        raise checks.InputError(f"{name} must be an array, or a pytree of arrays like the cell's carry; "
+                                f"received {type(value).__name__}.", name)
+    value = jax.tree.map(jnp.asarray, value)
+    received = jax.tree.map(lambda leaf: leaf.shape, value)
     shapes = jax.tree.map(lambda leaf: leaf.shape, expected)
     if received != shapes:
         if isinstance(expected, jax.ShapeDtypeStruct):
-            raise checks.InputError(f"initial_state must have shape (batch, features) = {shapes}; "
-                                    f"received shape {received}.", "initial_state")
+            raise checks.InputError(f"{name} must have shape (*batch, features) = {shapes}; "
+                                    f"received shape {received}.", name)
         raise checks.InputError(
-            f"initial_state must be shaped like the cell's carry {shapes}; received {received}. "
-            "Leave it None for zeros, or start from cell.initialize_carry(key, xs[:, 0].shape).",
-            "initial_state")
-    return initial_state
+            f"{name} must be shaped like the cell's carry {shapes}; received {received}. "
+            "Leave it None for zeros, or start from cell.initialize_carry(key, one_step.shape).", name)
+    return value
 
 
-def _sequential(cell, params, xs, lengths, initial_state):
-    """One ``lax.scan``; returns the final carry and the outputs, zero past each length."""
-    lengths = lengths[:, None]
+def _scan(step, unroll, body, carry, xs):
+    """The default loop of ``run``: ``lax.scan`` of ``body`` with ``step``."""
+    return jax.lax.scan(functools.partial(body, step), carry, xs, unroll=unroll)
 
-    def step(carry, x):
+
+def _sequential(loop, xs, lengths, initial_state):
+    """One ``loop`` over time; returns the final carry and the outputs, zero past each length."""
+
+    def body(step, carry, x):
         state, t = carry
-        new_state, output = cell.apply(params, state, x)
+        new_state, output = step(state, x)
         # A step counter in the carry: cheaper than scanning over a mask (2x at batch 8 on a CPU).
         active = t < lengths
-        state = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
-        return (state, t + 1), jnp.where(active, output, 0)
+        state = jax.tree.map(lambda new, old: jnp.where(_expand(active, new), new, old), new_state, state)
+        output = jax.tree.map(lambda out: jnp.where(_expand(active, out), out, 0), output)
+        return (state, t + 1), output
 
-    unroll = _UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL)
-    (final_state, _), outputs = jax.lax.scan(
-        step, (initial_state, jnp.zeros((), jnp.int32)), jnp.swapaxes(xs, 0, 1), unroll=unroll
-    )
-    return final_state, jnp.swapaxes(outputs, 0, 1)
+    (final_state, _), outputs = loop(body, (initial_state, jnp.zeros((), jnp.int32)), jnp.swapaxes(xs, 0, 1))
+    return final_state, jax.tree.map(lambda out: jnp.swapaxes(out, 0, 1), outputs)
 
 
 def _parallel(cell, params, xs, lengths, initial_state):
