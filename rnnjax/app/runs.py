@@ -25,8 +25,8 @@ import numpy as np
 import rnnjax
 from rnnjax.app import settings as table
 from rnnjax.app.folders import CHECKPOINTS, METRICS, PLOT, write_atomically
-from rnnjax.app.tasks import (DEAD_SEED_TRIES, TASKS, network_params, task_settings, task_start, train_until_live,
-                              watched)
+from rnnjax.app.tasks import (DEAD_SEED_TRIES, TASKS, network_params, task_settings, task_start, tolerances,
+                              train_until_live, watched)
 from rnnjax.app.tasks import converged as task_converged
 from rnnjax.core.cell import ReLUCell
 from rnnjax.core.checks import SEED_LIMIT, InputError
@@ -301,7 +301,9 @@ def _finish(run: Run, out: Path, save: Callable[[int, FitResult], Path]) -> list
         metrics = json.dumps(_run_metrics(run), indent=1, allow_nan=False)
         write_atomically(out / METRICS, lambda f: f.write(metrics), mode="w")
         title = f"{run.task}, recipe {run.settings['recipe']}"
-        write_atomically(out / PLOT, lambda f: plot_training(run.result.history, f, title=title))
+        tol = tolerances(run.task, run.settings["tol"])
+        write_atomically(out / PLOT, lambda f: plot_training(run.result.history, f, target=1.0, tol=tol,
+                                                             stop_reason=run.result.stop_reason, title=title))
         paths += [out / METRICS, out / PLOT]
     return paths
 

@@ -25,7 +25,7 @@ from rnnjax.training.sweep import SweepResult, sweep
 
 __all__ = ["Task", "TASKS", "DEFAULT_RECIPE", "DEAD_SEED_TRIES", "SLOPE_TOL", "L1_EVAL_TOL", "task_settings",
            "Parts", "parts", "task_start", "train_task", "train_until_live", "sweep_task", "network_params",
-           "watched", "converged", "l1_check", "count_check"]
+           "watched", "converged", "tolerances", "l1_check", "count_check"]
 
 
 class Task(NamedTuple):
@@ -159,10 +159,12 @@ def watched(task: str, params: Any) -> dict[str, float]:
 def converged(task: str, settings: dict, params: Any) -> bool:
     """True when the network weights ``params`` have every number ``task`` watches within its
     tolerance of 1 (``settings["tol"]``, or ``Task.tolerances`` of it)."""
-    return bool(within(TASKS[task].watch(params), 1.0, _tolerances(task, settings["tol"])))
+    return bool(within(TASKS[task].watch(params), 1.0, tolerances(task, settings["tol"])))
 
 
-def _tolerances(task: str, tol: float) -> float | dict[str, float]:
+def tolerances(task: str, tol: float) -> float | dict[str, float]:
+    """Returns the tolerance of each number ``task`` watches, from the run's ``tol``: ``tol``
+    itself, or ``Task.tolerances`` of it (one per name)."""
     spec = TASKS[task]
     return tol if spec.tolerances is None else spec.tolerances(tol)
 
@@ -194,7 +196,7 @@ def train_task(task: str, *, seed: int, settings: dict | None = None, loop: Loop
     settings = settings or task_settings(task)
     chosen = parts(task, settings)
     return fit(chosen.network, chosen.optimizer, chosen.draw, seed=seed, max_steps=settings["steps"],
-               target_weight=1.0, weight_tol=_tolerances(task, settings["tol"]), dead_steps=settings["dead_steps"],
+               target_weight=1.0, weight_tol=tolerances(task, settings["tol"]), dead_steps=settings["dead_steps"],
                options=_step_options(task, settings, devices), loop=loop, start=start)
 
 
