@@ -2,14 +2,17 @@
 size, and show what the run did (a loss of exactly 0 as such, the weights' distance from the
 target against the tolerance, the sweep's outcomes in the CLI's words)."""
 
+import argparse
 import io
 
+import matplotlib.colors
 import matplotlib.image
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from rnnjax.app import plot
+from rnnjax.app import cli, plot, sweep_plot
+from rnnjax.training.sweep import SweepResult, summarize
 
 
 @pytest.fixture
@@ -82,3 +85,67 @@ def test_training_plot_shades_each_tolerance_and_draws_a_loss_without_zeros_alon
 
 def test_a_run_folder_has_a_training_plot_of_the_stated_size(l1_run):
     assert png_size((l1_run / "training.png").read_bytes()) == plot.SIZE
+
+
+def sweep_result(outcome, final_ih, final_hh, tracked=3, steps=4):
+    """A ``SweepResult`` of ``len(outcome)`` seeds, its first ``tracked`` seeds' trajectories straight lines."""
+    seeds = len(outcome)
+    initial = {"cell/W_ih": np.linspace(-1, 1, seeds), "cell/W_hh": np.linspace(1, -1, seeds)}
+    final = {"cell/W_ih": np.asarray(final_ih, np.float32), "cell/W_hh": np.asarray(final_hh, np.float32)}
+    paths = {k: np.linspace(initial[k][:tracked], final[k][:tracked], steps + 1, axis=1) for k in initial}
+    return SweepResult(np.arange(seeds), initial, final, {}, np.zeros(seeds), np.asarray(outcome),
+                       np.where(np.asarray(outcome) == "converged", 2, -1), paths, steps=steps, target=1.0,
+                       tol=1e-3, data_seed=None, devices=1, seconds=0.5, compile_seconds=1.0)
+
+
+@pytest.mark.parametrize("landscape, size", [(True, (1820, 520)), (False, (1320, 520))])
+def test_sweep_plot_names_the_outcomes_as_the_command_prints_them(drawn, capsys, landscape, size):
+    # seed 1 converged and ended outside tol: drawn apart, and the command says so too
+    result = sweep_result(["converged", "converged", "dead", "stuck", "converged"],
+                          [1.0, 1.5, -0.2, 0.3, 1.0], [1.0, 1.0, -0.5, 2.0, 1.0001])
+    grid = np.linspace(-1.5, 2.0, 8)
+    file = io.BytesIO()
+    sweep_plot.plot_sweep(result, file, title="l1",
+                          landscape=(grid, grid, np.ones((8, 8))) if landscape else None)
+    assert png_size(file.getvalue()) == size
+    assert size[0] >= 1600 or not landscape
+    (fig,) = drawn
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    outcomes = ["converged and stayed 2 (40.0%)", "converged, then left 1 (20.0%)", "dead 1 (20.0%)",
+                "stuck 1 (20.0%)"]
+    markers = ["tracked seed: start (its number)", "tracked seed: end", "the target"]
+    assert legend == outcomes + ["within tol 0.001 of 1"] + markers * landscape
+    for ax in fig.axes:  # the legend lies outside every panel
+        assert ax.get_legend() is None
+        assert not fig.legends[0].get_window_extent().overlaps(ax.get_window_extent())
+    if landscape:  # each tracked trajectory in its outcome's colour, numbered by seed
+        paths = fig.axes[2].get_lines()
+        assert [matplotlib.colors.to_hex(paths[i].get_color()) for i in (1, 5, 9)] == [
+            matplotlib.colors.to_hex(c) for c in ("tab:green", "tab:purple", "tab:gray")]
+        assert [t.get_text() for t in fig.axes[2].texts] == ["0", "1", "2"]
+    cli._print_sweep(argparse.Namespace(task="l1", seeds=5, tol=1e-3), {"recipe": "notebook", "steps": 4}, result,
+                     summarize(result))
+    printed = capsys.readouterr().out
+    assert "converged 3 (60.0%)" in printed
+    assert "of these: converged and stayed 2 (40.0%); converged, then left 1 (20.0%)" in printed
+    assert "dead 1 (20.0%), diverged 0 (0.0%), stuck 1 (20.0%)" in printed
+    assert summarize(result)["converged_then_left"] == 1
+
+
+def test_sweep_plot_of_four_panels_takes_two_rows(drawn):
+    result = sweep_result(["converged", "dead"], [1.0, -0.2], [1.0, -0.5])
+    result = result._replace(initial_weights={**result.initial_weights, "slope": np.zeros(2)},
+                             final_weights={**result.final_weights, "slope": np.ones(2, np.float32)})
+    grid = np.linspace(-1.5, 2.0, 8)
+    file = io.BytesIO()
+    sweep_plot.plot_sweep(result, file, landscape=(grid, grid, np.ones((8, 8))))
+    assert sweep_plot.grid(4) == (2, 2)
+    assert png_size(file.getvalue()) == (1320, 1040)
+    (fig,) = drawn
+    assert "converged 1 (50.0%)" in [t.get_text() for t in fig.legends[0].get_texts()]  # none left: not split
+
+
+def test_a_sweep_folder_has_a_sweep_plot_of_the_stated_size(tmp_path):
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "count", "--seeds", "4", "--steps", "300", "--out", str(out)]) == 0
+    assert png_size((out / "sweep.png").read_bytes()) == (1820, 520)

@@ -335,6 +335,8 @@ def sweep(args) -> int:
 def _print_sweep(args, settings: dict, result, summary: dict) -> None:
     import jax
 
+    from rnnjax.training.sweep import LEFT, OUTCOMES, group_label, outcome_groups
+
     counts, fractions, steps = summary["counts"], summary["fractions"], summary["steps_to_converge"]
     print(f"{args.task}, recipe {settings['recipe']}: {args.seeds} seeds x {settings['steps']} steps on "
           f"{result.devices} {jax.default_backend()} device(s): {result.seconds:.1f} s "
@@ -342,9 +344,11 @@ def _print_sweep(args, settings: dict, result, summary: dict) -> None:
     print(f"  converged {counts['converged']} ({fractions['converged']:.1%}): every watched number within "
           f"{args.tol:g} of 1" + (f"; steps to converge: median {steps['median']:.0f}, p90 {steps['p90']:.0f}, "
                                   f"max {steps['max']:.0f}" if counts["converged"] else ""))
-    print(f"  dead {counts['dead']} ({fractions['dead']:.1%}), diverged {counts['diverged']} "
-          f"({fractions['diverged']:.1%}), stuck {counts['stuck']} ({fractions['stuck']:.1%}); "
-          f"within {args.tol:g} after the last step: {summary['within_tol_at_end']:.1%}")
+    groups = {name: group_label(name, seeds) for name, seeds in outcome_groups(result).items()}
+    if LEFT in groups:  # the picture draws these apart: where each seed ended
+        converged = [label for name, label in groups.items() if name not in OUTCOMES]
+        print(f"    of these: {'; '.join(converged)}: outside {args.tol:g} again after the last step")
+    print("  " + ", ".join(groups[name] for name in OUTCOMES[1:]))
 
 
 _COMMANDS = {

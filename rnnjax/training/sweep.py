@@ -28,9 +28,12 @@ from rnnjax.training.devices import device_mesh
 from rnnjax.training.fit import TrainState, check_data, init_state, make_train_step, squared_error, weight_elements
 from rnnjax.training.stopping import StopRules, reason, stop_code, within
 
-__all__ = ["OUTCOMES", "SweepResult", "sweep", "summarize", "loss_landscape"]
+__all__ = ["OUTCOMES", "STAYED", "LEFT", "SweepResult", "sweep", "outcome_groups", "group_label", "summarize",
+           "loss_landscape"]
 
 OUTCOMES = ("converged", "dead", "diverged", "stuck")
+# "converged", split when some seed converged and was outside tol again after the last step
+STAYED, LEFT = "converged and stayed", "converged, then left"
 
 
 class SweepResult(NamedTuple):
@@ -285,9 +288,43 @@ def _program(model, optimizer, data, fresh_batches, data_seed, watch, rules: Sto
     return start, run_chunk, finish
 
 
+def _ended_within(result: SweepResult) -> np.ndarray:
+    """``(seeds,)`` True where every watched weight is within ``tol`` after the last step."""
+    return np.array([bool(within({k: v[i] for k, v in result.final_weights.items()}, result.target, result.tol))
+                     for i in range(len(result.seeds))], dtype=bool)
+
+
+def outcome_groups(result: SweepResult) -> dict[str, np.ndarray]:
+    """Returns the seeds of each outcome, ``(seeds,)`` booleans, keyed by the words the command
+    and the picture use: ``OUTCOMES``, in order, with "converged" split into ``STAYED`` and
+    ``LEFT`` (within ``tol`` after some step, outside it after the last) when some seed left.
+
+    Example:
+      >>> result = SweepResult(np.arange(3), {}, {"w": np.array([1.0, 0.5, 0.0])}, {}, np.zeros(3),
+      ...                      np.array(["converged", "converged", "dead"]), np.array([12, 30, -1]), {},
+      ...                      steps=50, target=1.0, tol=1e-3, data_seed=None, devices=1, seconds=0.5,
+      ...                      compile_seconds=1.0)
+      >>> [group_label(name, seeds) for name, seeds in outcome_groups(result).items()]
+      ['converged and stayed 1 (33.3%)', 'converged, then left 1 (33.3%)', 'dead 1 (33.3%)', 'diverged 0 (0.0%)', \
+'stuck 0 (0.0%)']
+    """
+    groups = {name: result.outcome == name for name in OUTCOMES}
+    left = groups["converged"] & ~_ended_within(result)
+    if not left.any():
+        return groups
+    converged = groups.pop("converged")
+    return {STAYED: converged & ~left, LEFT: left, **groups}
+
+
+def group_label(name: str, seeds: np.ndarray) -> str:
+    """``name``, how many seeds ``seeds`` (booleans) holds and their fraction: "dead 102 (51.0%)"."""
+    return f"{name} {int(seeds.sum())} ({seeds.mean():.1%})"
+
+
 def summarize(result: SweepResult) -> dict[str, Any]:
     """Returns a JSON-able summary: the fraction of each outcome, the distribution of steps to
-    converge, the fraction whose weights are still within ``tol`` at the end, and the speed.
+    converge, the fraction whose weights are still within ``tol`` at the end, how many converged
+    and then left it (``LEFT``), and the speed.
 
     Example:
       >>> import json, numpy as np
@@ -302,6 +339,7 @@ def summarize(result: SweepResult) -> dict[str, Any]:
     n = len(result.seeds)
     counts = {name: int(np.sum(result.outcome == name)) for name in OUTCOMES}
     converged_at = result.converged_at[result.outcome == "converged"]
+    ended_within = _ended_within(result)
     quantiles = ("min", 0), ("p10", 10), ("median", 50), ("p90", 90), ("p99", 99), ("max", 100)
     return {
         "seeds": n,
@@ -313,8 +351,8 @@ def summarize(result: SweepResult) -> dict[str, Any]:
         "devices": result.devices,
         "counts": counts,
         "fractions": {name: count / n for name, count in counts.items()},
-        "within_tol_at_end": float(np.mean([within({k: v[i] for k, v in result.final_weights.items()},
-                                                   result.target, result.tol) for i in range(n)])),
+        "within_tol_at_end": float(np.mean(ended_within)),
+        "converged_then_left": int(np.sum((result.outcome == "converged") & ~ended_within)),
         "steps_to_converge": {name: float(np.percentile(converged_at, q)) if converged_at.size
                               else None for name, q in quantiles},
         "seconds": result.seconds,
