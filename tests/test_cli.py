@@ -383,6 +383,27 @@ def test_an_input_longer_than_eval_takes_is_refused(l1_run, tmp_path, capsys, mo
                                             r"one sequence may have$")
 
 
+def test_eval_count_prints_the_running_counts_step_by_step(count_run, tmp_path, capsys):
+    path = tmp_path / "bits.txt"
+    path.write_text("1 0 1 1\n")
+    assert main(["eval", "count", "--params", str(count_run), "--input", str(path)]) == 0
+    assert capsys.readouterr().out == (
+        "length 4: the running count after each step\n"
+        "  step           1      2      3      4\n"
+        "  input          1      0      1      1\n"
+        "  exact          1      1      2      3\n"
+        "  predicted 1.0000 1.0000 2.0000 3.0000\n"
+        "final count predicted 3, exact 3; largest error over all steps 0.00e+00\n")
+    # a long one: the first 8 steps and the last 3, the rest as one "..."
+    path.write_text("1\n" * 1000)
+    assert main(["eval", "count", "--params", str(count_run), "--input", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["step", *map(str, range(1, 9)), "...", "998", "999", "1000"]
+    assert lines[3].split() == ["exact", *map(str, range(1, 9)), "...", "998", "999", "1000"]
+    assert lines[4].split()[-1] == "1000.0000" and len(lines[4]) < 100
+    assert lines[5] == "final count predicted 1000, exact 1000; largest error over all steps 0.00e+00"
+
+
 def test_eval_takes_any_checkpoint_and_refuses_what_is_not_one(resumed_run, l1_run, tmp_path, capsys):
     out, _ = resumed_run
     steps = checkpoint_steps(out / "checkpoints")
@@ -393,7 +414,8 @@ def test_eval_takes_any_checkpoint_and_refuses_what_is_not_one(resumed_run, l1_r
         assert "largest error over all steps 0.00e+00" in captured.out and captured.err == ""
     assert main(["eval", "count", "--params", str(out / "checkpoints" / "20"), "--length", "50"]) == 1
     captured = capsys.readouterr()
-    assert captured.out.startswith("length 50: final count predicted")
+    assert captured.out.startswith("length 50: the running count after each step\n")
+    assert "\nfinal count predicted" in captured.out
     error = captured.err.strip().splitlines()
     assert len(error) == 1 and re.fullmatch(
         rf"rnnjax: error: do not trust these outputs: --params \S+/20: not a converged run \(a checkpoint at step "

@@ -266,6 +266,26 @@ def _eval_sequence(args) -> np.ndarray:
     return sequence
 
 
+COUNT_STEPS_SHOWN = (8, 3)  # eval count shows the first and last steps of a longer sequence
+
+
+def _print_counts(bits: np.ndarray, exact: np.ndarray, predicted: np.ndarray) -> None:
+    """The input bits and the exact and predicted running counts, one column per step, aligned;
+    a sequence longer than ``COUNT_STEPS_SHOWN`` together has its middle steps as one "...".
+    """
+    first, last = COUNT_STEPS_SHOWN
+    shown = np.arange(bits.size)
+    if bits.size > first + last:
+        shown = np.concatenate([shown[:first], [-1], shown[-last:]])  # -1: the steps left out
+    rows = {"step": [str(i + 1) for i in shown], "input": [str(int(bits[i])) for i in shown],
+            "exact": [str(int(exact[i])) for i in shown], "predicted": [f"{predicted[i]:.4f}" for i in shown]}
+    for name in rows:
+        rows[name] = ["..." if i < 0 else value for i, value in zip(shown, rows[name])]
+    widths = [max(len(row[j]) for row in rows.values()) for j in range(shown.size)]
+    for name, row in rows.items():
+        print(f"  {name:<9} " + " ".join(value.rjust(width) for value, width in zip(row, widths)))
+
+
 def evaluate(args) -> int:
     from rnnjax.app import runs, tasks
 
@@ -285,8 +305,10 @@ def evaluate(args) -> int:
     else:
         predicted, exact = tasks.count_check(loaded.params, sequence[None], args.method)
         errors = np.abs(predicted - exact)[0]
-        print(f"length {sequence.size}: final count predicted {predicted[0, -1]:.6g}, exact "
-              f"{exact[0, -1]:.6g}; largest error over all steps {errors.max():.2e}")
+        print(f"length {sequence.size}: the running count after each step")
+        _print_counts(sequence, exact[0], predicted[0])
+        print(f"final count predicted {predicted[0, -1]:.6g}, exact {exact[0, -1]:.6g}; largest error over all "
+              f"steps {errors.max():.2e}")
         if not errors.max() < 0.5:
             step = int(np.argmax(~(errors < 0.5)))
             untrusted.append(f"the count after step {step + 1} is off by {errors[step]:.3g}: it rounds to "
