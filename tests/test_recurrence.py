@@ -12,6 +12,7 @@ from reference import numpy_rnn
 
 from rnnjax import ReLUCell, rnn
 from rnnjax.core import checks
+from rnnjax.core.masking import length_mask
 
 METHODS = ("sequential", "parallel")
 
@@ -115,6 +116,44 @@ def test_padding_changes_neither_results_nor_gradients(method, padding):
         clean, dirty = fn(params, jnp.asarray(xs)), fn(params, jnp.asarray(padded))
         chex.assert_tree_all_finite(dirty)
         chex.assert_trees_all_equal(clean, dirty)
+
+
+class DenseThenRNN(nn.Module):
+    """A dense layer in front of ``rnn``: it sees the padding, unless ``zero_padding`` zeroes it."""
+
+    zero_padding: bool
+
+    @nn.compact
+    def __call__(self, xs, lengths):
+        if self.zero_padding:  # the README's one line
+            xs = jnp.where(length_mask(lengths, xs.shape[1])[..., None], xs, 0)
+        units = nn.relu(nn.Dense(2, use_bias=False)(xs))
+        cell = ReLUCell(features=1)
+        weights = self.param("cell", lambda key: cell.init(key, jnp.zeros((1, 1)), units[:1, 0])["params"])
+        final_state, _ = rnn(cell, {"params": weights}, units, lengths)
+        return final_state[:, 0]
+
+
+def test_a_layer_in_front_of_rnn_needs_the_padding_zeroed_first():
+    # rnn's promise covers its own inputs: a layer before it computes on the padding, and a NaN
+    # there makes its kernel's gradient NaN (0 * NaN), though rnn's outputs are right
+    _, _, xs, lengths, _ = draw_case(3, 5, 9, 1)
+    mask = np.arange(9)[None] < lengths[:, None]
+    nan_padded, zero_padded = (jnp.asarray(np.where(mask[..., None], xs, p), jnp.float32) for p in (np.nan, 0.0))
+    lengths = jnp.asarray(lengths)
+
+    def kernel_grad(model, xs):  # and the outputs
+        variables = model.init(jax.random.key(0), zero_padded, lengths)
+        grads = jax.grad(lambda v: jnp.sum(model.apply(v, xs, lengths) ** 2))(variables)
+        return grads["params"]["Dense_0"]["kernel"], model.apply(variables, xs, lengths)
+
+    bare, masked = DenseThenRNN(zero_padding=False), DenseThenRNN(zero_padding=True)
+    grad, out = kernel_grad(bare, nan_padded)
+    assert bool(jnp.isnan(grad).all())
+    chex.assert_trees_all_equal(out, kernel_grad(bare, zero_padded)[1])  # the outputs ignore the padding
+    grad, out = kernel_grad(masked, nan_padded)
+    chex.assert_tree_all_finite(grad)
+    chex.assert_trees_all_equal((grad, out), kernel_grad(bare, zero_padded))
 
 
 def test_lengths_none_means_full_and_jit_needs_no_retrace():
