@@ -786,8 +786,9 @@ def test_every_command_names_what_it_requires_and_lists_the_tasks(capsys):
         main(["eval", "l1", "--length", "3"])
     assert exit_.value.code == 2
     one_error_line(capsys.readouterr(), r"required: --params$")
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
-    shown = capsys.readouterr().out
-    for task in ("l1", "count", "l1-learned"):
-        assert re.search(rf"^  {task} +\S", shown, re.MULTILINE), shown
+    for command in ("train", "eval", "sweep"):  # each task described in one line
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = capsys.readouterr().out
+        for task, line in rnnjax.app.settings.TASKS.items():
+            assert re.search(rf"^  {re.escape(task)} +{re.escape(line)}$", shown, re.MULTILINE), shown
