@@ -74,7 +74,7 @@ def plot_sweep(
         handles += [Line2D([], [], linestyle="", marker=m, color="black", markerfacecolor=face, label=label)
                     for m, face, label in (("o", "none", "tracked seed: start (its number)"),
                                            ("X", "black", "tracked seed: end"), ("*", "white", "the target"))]
-    fig.legend(handles=handles, loc="outside right upper", title=f"{len(result.seeds)} seeds", fontsize=9,
+    fig.legend(handles=handles, loc="outside right center", title=f"{len(result.seeds)} seeds", fontsize=9,
                title_fontsize=9)
     fig.suptitle(title or f"{len(result.seeds)} seeds, {result.steps} steps")
     fig.savefig(file, format="png", dpi=DPI)
