@@ -39,7 +39,9 @@ def assert_evaluated_or_refused(status, out, err):
     if status == 2:
         assert out == "" and err.count("\n") == 1 and err.startswith("rnnjax: error: "), err
     else:
-        assert out.count("\n") == 1 and out.startswith("length "), out
+        lines = out.splitlines()  # l1: one line; count: the running counts, then the final count
+        assert out.endswith("\n") and lines[0].startswith("length "), out
+        assert len(lines) == 1 or lines[-1].startswith("final count predicted "), out
         assert err == "" if status == 0 else (err.count("\n") == 1 and err.startswith(
             "rnnjax: error: do not trust these outputs: ")), err
 
