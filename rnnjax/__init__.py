@@ -19,11 +19,11 @@ import importlib
 import importlib.util
 import sys
 
-__all__ = ["ReLUCell", "rnn", "relu_scan", "L1Norm", "L1NormLearned", "RunningCount", "fit",
+__all__ = ["ReLUCell", "RNN", "rnn", "relu_scan", "L1Norm", "L1NormLearned", "RunningCount", "fit",
            "sweep", "squared_error", "InputError", "data", "bptt"]
 __version__ = "0.1.0"
 
-_HOMES = {"ReLUCell": "rnnjax.core.cell", "rnn": "rnnjax.core.recurrence",
+_HOMES = {"ReLUCell": "rnnjax.core.cell", "RNN": "rnnjax.core.module", "rnn": "rnnjax.core.recurrence",
           "relu_scan": "rnnjax.core.parallel", "InputError": "rnnjax.core.checks",
           "L1Norm": "rnnjax.training.models", "L1NormLearned": "rnnjax.training.models",
           "RunningCount": "rnnjax.training.models", "fit": "rnnjax.training.fit",

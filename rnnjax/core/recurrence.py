@@ -15,7 +15,8 @@ from rnnjax.core.cell import PRECISION, ReLUCell
 from rnnjax.core.masking import length_mask
 from rnnjax.core.parallel import scan
 
-__all__ = ["Method", "METHODS", "rnn", "run", "resolve_method", "flip_sequences", "initial_carry"]
+__all__ = ["Method", "METHODS", "rnn", "run", "resolve_method", "flip_sequences", "initial_carry",
+           "default_unroll"]
 
 Method = Literal["sequential", "parallel", "auto"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -176,8 +177,7 @@ def run(cell: nn.Module, params: Any, xs: jax.Array, lengths: jax.Array, initial
         # The carry in the dtype one step returns (inputs, weights and state promoted together).
         step = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
         initial_state = jax.tree.map(lambda h, s: h.astype(s.dtype), initial_state, step)
-        unroll = unroll or _UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL)
-        loop = functools.partial(_scan, functools.partial(cell.apply, params), unroll)
+        loop = functools.partial(_scan, functools.partial(cell.apply, params), unroll or default_unroll())
     xs = jnp.where(_expand(length_mask(lengths, time), xs), xs, 0)
     if reverse:
         xs = flip_sequences(xs, lengths)
@@ -189,6 +189,11 @@ def run(cell: nn.Module, params: Any, xs: jax.Array, lengths: jax.Array, initial
         states = flip_sequences(states, lengths)
     unflatten = lambda leaf: leaf.reshape(*batch_shape, *leaf.shape[1:])
     return jax.tree.map(unflatten, final_state), jax.tree.map(unflatten, states)
+
+
+def default_unroll() -> int:
+    """``lax.scan``'s unroll factor for this backend, measured (benchmarks/NOTES.md)."""
+    return _UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL)
 
 
 def flip_sequences(xs: jax.Array, lengths: jax.Array) -> jax.Array:

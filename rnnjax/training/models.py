@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from rnnjax.core import checks
 from rnnjax.core.cell import PRECISION, ReLUCell
 from rnnjax.core.masking import length_mask
-from rnnjax.core.recurrence import METHODS, Method, resolve_method, run
+from rnnjax.core.module import RNN
+from rnnjax.core.recurrence import Method
 
 __all__ = ["L1Norm", "RunningCount", "L1NormLearned"]
 
@@ -21,10 +22,15 @@ _SCALAR_CELL = {"cell/W_hh": (1, 1), "cell/W_ih": (1, 1)}
 
 class _Model(nn.Module):
     """A seed network: ``apply`` checks the variables against ``WEIGHTS`` (path -> shape) before
-    flax reads them, and ``__call__`` checks ``xs``, ``lengths`` and ``method`` through
-    ``_arguments``; what runs after trusts them."""
+    flax reads them, and ``__call__`` checks ``xs`` and ``lengths`` through ``_arguments``; an
+    ``rnnjax.RNN`` of a ``ReLUCell(1)`` runs the recurrence, its weights under ``"cell"``."""
 
     WEIGHTS: ClassVar[dict[str, tuple[int, ...]]] = _SCALAR_CELL
+    method: Method = "auto"
+
+    def setup(self):
+        self.recurrence = RNN(ReLUCell(features=1), method=self.method, return_carry=True)
+        nn.share_scope(self, self.recurrence)  # the cell's weights at "cell", not "recurrence/cell"
 
     def apply(self, variables, *args, **kwargs):
         expected = {"params": _nest(self.WEIGHTS)}
@@ -32,25 +38,14 @@ class _Model(nn.Module):
                          fix=f" Pass what {type(self).__name__}().init returns.")
         return super().apply(variables, *args, **kwargs)
 
-    def _arguments(self, xs, lengths) -> tuple[jax.Array, jax.Array, str]:
-        """``xs`` as ``(batch, time, 1)``, ``lengths`` as int32 and the method for this length."""
-        method = checks.choice("method", self.method, METHODS)
+    def _arguments(self, xs, lengths) -> tuple[jax.Array, jax.Array]:
+        """``xs`` as ``(batch, time, 1)`` and ``lengths`` as int32."""
         xs = checks.floating_array("xs", xs, shapes=("(batch, time)", "(batch, time, 1)"))
         if xs.ndim == 3 and xs.shape[-1] != 1:
             raise checks.InputError(f"xs must have shape (batch, time) or (batch, time, 1); received shape "
                                     f"{xs.shape}. For a single sequence use xs[None].", "xs")
         xs = xs.reshape(*xs.shape[:2], 1)
-        lengths = checks.lengths(lengths, *xs.shape[:2])
-        return xs, lengths, resolve_method(ReLUCell(1), method, time=xs.shape[1])
-
-    def _scalar_cell(self, xs: jax.Array, lengths: jax.Array, method: str):
-        """Runs a ``ReLUCell(1)`` whose weights are this module's "cell" over ``xs``."""
-        cell = ReLUCell(features=1)
-        weights = self.param(
-            "cell",
-            lambda key: cell.init(key, cell.initialize_carry(key, xs[:, 0].shape), xs[:, 0])["params"],
-        )
-        return run(cell, {"params": weights}, xs, lengths, None, method)
+        return xs, checks.lengths(lengths, *xs.shape[:2])
 
 
 def _nest(flat: dict[str, tuple[int, ...]]) -> dict:
@@ -86,9 +81,6 @@ class L1Norm(_Model):
       (1,)
     """
 
-    method: Method = "auto"
-
-    @nn.compact
     def __call__(self, xs: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
         """Returns the predicted L1 norm of each sequence, ``(batch,)``.
 
@@ -96,9 +88,9 @@ class L1Norm(_Model):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
-        xs, lengths, method = self._arguments(xs, lengths)
+        xs, lengths = self._arguments(xs, lengths)
         magnitudes = jnp.where(xs < 0, -xs, xs)
-        final_state, _ = self._scalar_cell(magnitudes, lengths, method)
+        final_state, _ = self.recurrence(magnitudes, seq_lengths=lengths)
         return final_state[:, 0]
 
 
@@ -120,9 +112,6 @@ class RunningCount(_Model):
       (1, 4)
     """
 
-    method: Method = "auto"
-
-    @nn.compact
     def __call__(self, xs: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
         """Returns the state after every step, ``(batch, time)``, zero past each length.
 
@@ -130,8 +119,8 @@ class RunningCount(_Model):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
-        xs, lengths, method = self._arguments(xs, lengths)
-        _, states = self._scalar_cell(xs, lengths, method)
+        xs, lengths = self._arguments(xs, lengths)
+        _, states = self.recurrence(xs, seq_lengths=lengths)
         return states[..., 0]
 
 
@@ -162,10 +151,14 @@ class L1NormLearned(_Model):
       ((1,), ['cell/W_hh', 'slope_neg', 'slope_pos'])
     """
 
-    method: Method = "auto"
     WEIGHTS: ClassVar[dict[str, tuple[int, ...]]] = {**_SCALAR_CELL, "cell/W_ih": (2, 1), "dense/kernel": (1, 2)}
 
-    @nn.compact
+    def setup(self):
+        super().setup()
+        # PyTorch's nn.Linear init, U(-1/sqrt(in), 1/sqrt(in)), like the cell's.
+        init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+        self.dense = nn.Dense(2, use_bias=False, kernel_init=init, precision=PRECISION)
+
     def __call__(self, xs: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
         """Returns the predicted L1 norm of each sequence, ``(batch,)``.
 
@@ -173,14 +166,10 @@ class L1NormLearned(_Model):
           xs: ``(batch, time)`` or ``(batch, time, 1)`` floats.
           lengths: ``(batch,)`` integers in ``[0, time]``; None means every sequence is full.
         """
-        xs, lengths, method = self._arguments(xs, lengths)
+        xs, lengths = self._arguments(xs, lengths)
         # the dense layer sees no padding, so nothing depends on it (NaN included)
         xs = jnp.where(length_mask(lengths, xs.shape[1])[..., None], xs, 0)
-        # PyTorch's nn.Linear init, U(-1/sqrt(in), 1/sqrt(in)), like the cell's.
-        init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-        units = nn.relu(nn.Dense(2, use_bias=False, kernel_init=init, name="dense",
-                                 precision=PRECISION)(xs))
-        final_state, _ = self._scalar_cell(units, lengths, method)
+        final_state, _ = self.recurrence(nn.relu(self.dense(xs)), seq_lengths=lengths)
         return final_state[:, 0]
 
     @staticmethod
