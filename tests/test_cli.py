@@ -98,14 +98,14 @@ def test_default_runs_end_converged_from_seed_0(l1_run, count_run, task):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.json", "training.png"]
     metrics = strict_json(out / "metrics.json")
     assert metrics["converged"] is True and metrics["stop_reason"] == "weights"
-    # the default recipe trains v with W_ih = v*v: seed 0's W_ih = (-0.267)^2 is not dead
+    # the default recipe trains v with W_ih = v*v, which no init leaves dead
     assert (metrics["first_seed"], metrics["seed"], metrics["dead_seeds"]) == (0, 0, [])
     assert metrics["settings"] == {**task_settings(task), "checkpoint_every": 1000}
     assert metrics["settings"]["recipe"] == "squared" and metrics["settings"]["steps"] == 3000
     assert metrics["settings"]["lr"] == 0.1 and metrics["devices"] == 1
     assert metrics["weights"] == {"cell/W_hh": [[1.0]], "cell/W_ih": [[1.0]]}  # W_ih = v*v, exactly 1
     assert metrics["watched"] == {"cell/W_hh": 1.0, "cell/W_ih": 1.0}
-    assert metrics["initial_weights"]["cell/W_ih"][0][0] == pytest.approx(0.267270803**2)
+    assert metrics["initial_weights"]["cell/W_ih"][0][0] == pytest.approx(0.717281103**2)
     assert metrics["method"] == "sequential" and metrics["versions"]["backend"] == "cpu"
     assert len(metrics["history"]["loss"]) == metrics["steps"] and metrics["skipped_steps"] == 0
     assert checkpoint_steps(out / "checkpoints") == [metrics["steps"]]

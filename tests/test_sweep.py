@@ -37,9 +37,9 @@ def seed_batches(seed, data, steps, fresh):
 
 def test_each_seed_is_fits_run():
     optimizer = optax.adam(0.1, b2=0.9999)
-    result = sweep(L1Norm(), optimizer, l1_data, seeds=2, first_seed=3, steps=300)
-    assert result.seeds.tolist() == [3, 4]
-    assert result.outcome.tolist() == ["converged", "dead"]  # seed 4 draws W_ih <= 0
+    result = sweep(L1Norm(), optimizer, l1_data, seeds=2, first_seed=1, steps=300)
+    assert result.seeds.tolist() == [1, 2]
+    assert result.outcome.tolist() == ["converged", "dead"]  # seed 2 draws W_ih <= 0
     for i, seed in enumerate(result.seeds):
         stopped = fit(L1Norm(), optimizer, l1_data, seed=int(seed), max_steps=300,
                       target_weight=1.0, weight_tol=1e-3)
@@ -172,9 +172,9 @@ def test_bad_settings_are_refused(kwargs, match):
 
 def test_a_shared_batch_trains_every_seed_on_it():
     batch = count_data(jax.random.key(7))
-    result = sweep(RunningCount(), optax.adam(0.1), batch, seeds=2, first_seed=3, steps=30)
-    alone = fit(RunningCount(), optax.adam(0.1), batch, seed=3, max_steps=30)
-    assert alone.stop_reason == "budget"  # seed 3 is live
+    result = sweep(RunningCount(), optax.adam(0.1), batch, seeds=2, first_seed=0, steps=30)
+    alone = fit(RunningCount(), optax.adam(0.1), batch, seed=0, max_steps=30)
+    assert alone.stop_reason == "budget"  # seed 0 is live
     chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], result.final_params),
                                 alone.state.params, rtol=1e-6)
 
@@ -185,13 +185,13 @@ def test_a_tolerance_below_float32s_smallest_asks_for_the_target_itself():
     in a sweep as in a single run (the default recipe reaches 1.0 exactly)."""
     from rnnjax.app.tasks import sweep_task, task_settings, train_task
 
-    runs = {tol: sweep_task("l1", seeds=2, settings=task_settings("l1", steps=600, tol=tol))[1]
+    runs = {tol: sweep_task("l1", seeds=2, first_seed=10, settings=task_settings("l1", steps=600, tol=tol))[1]
             for tol in (1e-9, 1e-38, 1e-50)}
     assert (runs[1e-9].outcome == "converged").all()
     for result in runs.values():
         np.testing.assert_array_equal(result.converged_at, runs[1e-9].converged_at)
         assert summarize(result)["within_tol_at_end"] == summarize(runs[1e-9])["within_tol_at_end"]
-    single = train_task("l1", seed=0, settings=task_settings("l1", steps=600, tol=1e-50))
+    single = train_task("l1", seed=10, settings=task_settings("l1", steps=600, tol=1e-50))
     assert single.stop_reason == "weights" and single.steps == runs[1e-9].converged_at[0]
 
 

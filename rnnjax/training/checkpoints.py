@@ -110,11 +110,11 @@ def save_checkpoint(folder: str | os.PathLike, result: FitResult, *, seed: int, 
       >>> from rnnjax.training.data import count_batch
       >>> from rnnjax.training.fit import fit, fit_start
       >>> draw = lambda key: count_batch(key, 8, 5)
-      >>> result = fit(RunningCount(), optax.adam(0.1), draw, seed=3, max_steps=30)
+      >>> result = fit(RunningCount(), optax.adam(0.1), draw, seed=0, max_steps=30)
       >>> folder = tempfile.mkdtemp()
-      >>> save_checkpoint(folder, result, seed=3, run={"note": "30 steps"}).name
+      >>> save_checkpoint(folder, result, seed=0, run={"note": "30 steps"}).name
       '30'
-      >>> template = fit_start(RunningCount(), optax.adam(0.1), draw, seed=3)
+      >>> template = fit_start(RunningCount(), optax.adam(0.1), draw, seed=0)
       >>> restored = restore_checkpoint(folder, 30, template)
       >>> restored.steps, bool((restored.history["loss"] == result.history["loss"]).all())
       (30, True)
