@@ -66,10 +66,22 @@ def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def two_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(p, e)``: ``p = fl(a * b)`` and ``a * b = p + e`` exactly (Dekker, on masked halves)."""
+    """``(p, e)``: ``p = fl(a * b)`` and ``a * b = p + e`` exactly (Dekker, on masked halves),
+    wherever ``e`` is a normal number or 0 (else it is within ``tiny`` of it).
+
+    A factor below ``2**(minexp + 2 * nmant)`` is scaled up by ``2**(2 * nmant + 2)`` first
+    (exactly), so that its low half and the partial products are normal numbers: flushed to 0,
+    they would make ``e`` off by up to ``|a * b| * 2**-nmant``."""
+    info = jnp.finfo(a.dtype)
+    up = 2.0 ** (2 * info.nmant + 2)
+    small = 2.0 ** (info.minexp + 2 * info.nmant)
+    a_small, b_small = jnp.abs(a) < small, jnp.abs(b) < small
+    a_scaled, b_scaled = jnp.where(a_small, a * up, a), jnp.where(b_small, b * up, b)
     p = a * b
-    (a1, a2), (b1, b2) = split(a), split(b)
-    return p, ((a1 * b1 - p) + a1 * b2 + a2 * b1) + a2 * b2
+    p_scaled = a_scaled * b_scaled
+    (a1, a2), (b1, b2) = split(a_scaled), split(b_scaled)
+    e = ((a1 * b1 - p_scaled) + a1 * b2 + a2 * b1) + a2 * b2
+    return p, e * jnp.where(a_small, 1 / up, 1).astype(e.dtype) * jnp.where(b_small, 1 / up, 1).astype(e.dtype)
 
 
 def residual(h: jax.Array, previous: jax.Array, w: jax.Array, u: jax.Array,

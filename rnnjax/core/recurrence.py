@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.core import checks
+from rnnjax.core import checks, compensated
 from rnnjax.core.cell import PRECISION, ReLUCell
+from rnnjax.core.compensated import PRECISIONS, Precision
 from rnnjax.core.masking import length_mask
 from rnnjax.core.parallel import scan
 
@@ -74,6 +75,7 @@ def rnn(
     *,
     initial_state: Any = None,
     method: Method = "auto",
+    precision: Precision = "compensated",
 ) -> tuple[Any, jax.Array]:
     """Runs ``cell`` over the time axis of ``xs``, each sequence stopping at its length.
 
@@ -98,6 +100,13 @@ def rnn(
         saturating at its largest finite value: 65504 for float16, where the loop's float16
         sum of ones stalls at 2048), or "auto" (see
         ``resolve_method``).
+      precision: "compensated" (the default) carries a ``ReLUCell``'s recurrence, with
+        ``features == 1`` or ``diagonal=True``, in twice the working precision (error-free
+        transformations, ``rnnjax.core.compensated``), in the loop and in the parallel scan
+        alike: each state within about one rounding of the exact one (the bounds:
+        ``rnnjax.core.parallel``); "plain" rounds every operation once, as the cell does (the
+        parallel scan's error then depends on its block size). Other cells, a full ``W_hh``
+        and float16 or bfloat16 cells in the loop run plain either way.
 
     Returns:
       ``(final_state, states)``: ``final_state`` is the carry after step ``lengths[b] - 1`` (the
@@ -117,17 +126,19 @@ def rnn(
     cell = checks.cell("cell", cell)
     xs = checks.floating_array("xs", xs, shapes=("(batch, time, features)",))
     method = checks.choice("method", method, METHODS)
+    precision = checks.choice("precision", precision, PRECISIONS)
     batch, time, _ = xs.shape
     expected_params, expected_carry = _expected(cell, xs)
     params = checks.variables("params", params, expected_params, what=f"this cell and xs of shape {xs.shape}",
                               fix=f" Initialise the cell with inputs shaped like xs[:, 0] = {xs[:, 0].shape}.")
     lengths = checks.lengths(lengths, batch, time)
     initial_state = _initial_state(initial_state, expected_carry)
-    return run(cell, params, xs, lengths, initial_state, resolve_method(cell, method, time=time))
+    return run(cell, params, xs, lengths, initial_state, resolve_method(cell, method, time=time),
+               precision=precision)
 
 
 def run(cell: nn.Module, params: Any, xs: jax.Array, lengths: jax.Array, initial_state: Any,
-        method: str) -> tuple[Any, jax.Array]:
+        method: str, *, precision: str = "compensated") -> tuple[Any, jax.Array]:
     """``rnn`` on checked arguments: ``lengths`` int32 in ``[0, time]``, ``initial_state`` the
     carry (or None for zeros), ``method`` "sequential" or "parallel" (as ``resolve_method``
     returns it). What the models call after checking their own arguments."""
@@ -138,7 +149,8 @@ def run(cell: nn.Module, params: Any, xs: jax.Array, lengths: jax.Array, initial
     step = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
     initial_state = jax.tree.map(lambda h, s: h.astype(s.dtype), initial_state, step)
     xs = jnp.where(length_mask(lengths, time)[..., None], xs, 0)
-    return (_parallel if method == "parallel" else _sequential)(cell, params, xs, lengths, initial_state)
+    return (_parallel if method == "parallel" else _sequential)(cell, params, xs, lengths, initial_state,
+                                                                precision=precision)
 
 
 def _expected(cell: nn.Module, xs: jax.Array) -> tuple[Any, Any]:
@@ -173,8 +185,13 @@ def _initial_state(initial_state: Any, expected: Any) -> Any:
     return initial_state
 
 
-def _sequential(cell, params, xs, lengths, initial_state):
-    """One ``lax.scan``; returns the final carry and the outputs, zero past each length."""
+def _sequential(cell, params, xs, lengths, initial_state, *, precision="compensated"):
+    """One ``lax.scan``; returns the final carry and the outputs, zero past each length.
+    Compensated (``_compensated_loop``) for a ``ReLUCell`` with ``features == 1`` or
+    ``diagonal=True`` computed in float32 or float64."""
+    if (precision == "compensated" and _parallel_refusal(cell) is None
+            and initial_state.dtype in (jnp.float32, jnp.float64)):
+        return _compensated_loop(cell, params, xs, lengths, initial_state)
     lengths = lengths[:, None]
 
     def step(carry, x):
@@ -192,22 +209,74 @@ def _sequential(cell, params, xs, lengths, initial_state):
     return final_state, jnp.swapaxes(outputs, 0, 1)
 
 
-def _parallel(cell, params, xs, lengths, initial_state):
+def _compensated_loop(cell, params, xs, lengths, initial_state):
+    """``_sequential`` for a scalar or diagonal ``ReLUCell``, on a double-word state ``hi + lo``
+    (``rnnjax.core.compensated.step``): the outputs are ``hi``, each state rounded once."""
+    weights = params["params"]
+    dtype = initial_state.dtype
+    inputs, inputs_low = _projected(xs, weights["W_ih"].astype(dtype), compensate=True)
+    w_hh = weights["W_hh"].reshape(-1).astype(dtype)
+    lengths = lengths[:, None]
+
+    def step(carry, x):
+        hi, lo, t = carry
+        new_hi, new_lo = compensated.step(hi, lo, w_hh, *x)
+        active = t < lengths
+        return ((jnp.where(active, new_hi, hi), jnp.where(active, new_lo, lo), t + 1),
+                jnp.where(active, new_hi, 0))
+
+    unroll = _UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL)
+    (final_state, _, _), outputs = jax.lax.scan(
+        step, (initial_state, jnp.zeros_like(initial_state), jnp.zeros((), jnp.int32)),
+        (jnp.swapaxes(inputs, 0, 1), jnp.swapaxes(inputs_low, 0, 1)), unroll=unroll)
+    return final_state, jnp.swapaxes(outputs, 0, 1)
+
+
+# Up to this many input features the compensated projection sums its products in double words
+# (a loop over the features, unrolled); beyond, it is one rounded dot product.
+_COMPENSATED_DOT_FEATURES = 16
+
+
+def _projected(xs, w_ih, *, compensate):
+    """``(inputs, inputs_low)``: ``xs @ w_ih`` ``(batch, time, features)`` and, where
+    ``compensate``, its rounding error (zeros otherwise, and beyond
+    ``_COMPENSATED_DOT_FEATURES`` input features), which carries no derivative."""
+    compute = w_ih.dtype
+    if w_ih.shape == (1, 1):  # a product of (batch, time) arrays, which fuses with what makes
+        # xs; its gradient is then a sum over two axes (with the features axis of 1 kept, XLA's
+        # CPU reduction ran 10x slower: 37 ms at T = 1e6, batch 8)
+        x = xs[..., 0].astype(compute)
+        inputs = (x * w_ih[0, 0])[..., None]
+        low = compensated.two_product(x, w_ih[0, 0])[1][..., None] if compensate else None
+    elif w_ih.shape[0] == 1:  # one input feature: a product, which fuses with what makes xs
+        inputs = xs.astype(compute) * w_ih[0]
+        low = compensated.two_product(xs.astype(compute), w_ih[0])[1] if compensate else None
+    elif compensate and w_ih.shape[0] <= _COMPENSATED_DOT_FEATURES:
+        # Dot2 (Ogita, Rump and Oishi): the products' and the sums' errors summed apart.
+        x = xs.astype(compute)
+        inputs, low = compensated.two_product(x[..., :1], w_ih[0])
+        for i in range(1, w_ih.shape[0]):
+            product, product_error = compensated.two_product(x[..., i:i + 1], w_ih[i])
+            inputs, sum_error = compensated.two_sum(inputs, product)
+            low = low + (sum_error + product_error)
+    else:
+        inputs = jnp.dot(xs.astype(compute), w_ih, precision=PRECISION)
+        low = None
+    if not compensate:
+        return inputs, None
+    return inputs, jax.lax.stop_gradient(jnp.zeros_like(inputs) if low is None else low)
+
+
+def _parallel(cell, params, xs, lengths, initial_state, *, precision="compensated"):
     """The same as ``_sequential``, by the exact blocked scan of ``rnnjax.core.parallel``."""
     weights = params["params"]
     dtype = initial_state.dtype
     compute = jnp.promote_types(dtype, jnp.float32)  # float16 and bfloat16 weights: float32
-    w_ih = weights["W_ih"].astype(compute)
-    if w_ih.shape == (1, 1):  # a product of (batch, time) arrays, which fuses with what makes
-        # xs; its gradient is then a sum over two axes (with the features axis of 1 kept, XLA's
-        # CPU reduction ran 10x slower: 37 ms at T = 1e6, batch 8)
-        inputs = (xs[..., 0].astype(compute) * w_ih[0, 0])[..., None]
-    elif w_ih.shape[0] == 1:  # one input feature: a product, which fuses with what makes xs
-        inputs = xs.astype(compute) * w_ih[0]
-    else:
-        inputs = jnp.dot(xs.astype(compute), w_ih, precision=PRECISION)
+    inputs, inputs_low = _projected(xs, weights["W_ih"].astype(compute),
+                                    compensate=precision == "compensated")
     w_hh = weights["W_hh"].reshape(-1).astype(compute)
-    final_state, states = scan(w_hh, inputs, lengths, initial_state.astype(compute))
+    final_state, states = scan(w_hh, inputs, lengths, initial_state.astype(compute),
+                               precision=precision, inputs_low=inputs_low)
     if dtype == compute:
         return final_state, states
     largest = jnp.finfo(dtype).max  # a float32 state past float16's range saturates, not inf
