@@ -414,68 +414,114 @@ def _from_zero_jvp(primals, tangents):
     return (final_state, states), _tangents(w, dw, dinputs, states, lengths)
 
 
+# Passes of the compensated scan's refinement at most (see _refined_entering).
+MAX_REFINEMENTS = 4
+
+
 @jax.custom_jvp
 def _compensated_from_zero(w, inputs, inputs_low, lengths, growing):
-    """``_from_zero``'s result, compensated: the inputs are the double words ``inputs +
-    inputs_low`` (both ``_split``'s ``(batch, blocks, block_size)``).
+    """``_from_zero``'s result, compensated: the inputs are ``inputs + inputs_low`` (both
+    ``_split``'s ``(batch, blocks, block_size)``), and every state comes from a run of its block
+    in the wide arithmetic of ``rnnjax.core.compensated`` from the block's entering state,
+    which ``_refined_entering`` finds to that precision; each is rounded once."""
+    return jax.lax.cond(
+        growing,
+        functools.partial(_compensated_states, growing=True),
+        functools.partial(_compensated_states, growing=False),
+        w, inputs, inputs_low, lengths)
 
-    1. The blocks' maps give each block's entering state ``E_k``, as in ``_blocked_states``;
-    2. each block re-runs its steps from ``E_k`` on double words (``compensated.step``): every
-       state is then the exact run from ``E_k`` to within ``3 u**2`` of its magnitude a step;
-    3. the entering states' own errors ``delta_k = exact_k - E_k`` follow the recurrence
-       ``delta_{k+1} = J_k delta_k + rho_{k+1}`` over the blocks, ``rho_{k+1}`` the double-word
-       end of block ``k`` less ``E_{k+1}`` and ``J_k = w**C`` where every step of block ``k``
-       fired (0 elsewhere): one upper level of affine maps, on ``blocks`` elements;
-    4. each state adds ``w**(j+1) delta_k`` where the block's steps up to ``j`` fired, and is
-       rounded once from ``hi + (lo + that)``.
-    """
-    batch, _, size = inputs.shape
-    algebra = _ramps(w, False)
-    lanes_in, lanes_low = _lanes(inputs), _lanes(inputs_low)
-    lanes = lanes_in.shape[1]
-    start = jnp.zeros(batch, inputs.dtype)
-    table = _powers(w, np.arange(size + 1))  # spans of 0, 1, ..., size steps
-    if lanes == batch:  # one block a sequence
-        entering = start[:, None]
+
+def _compensated_states(w, inputs, inputs_low, lengths, *, growing):
+    """``_compensated_from_zero``'s result; ``growing=False`` only if ``|w| <= 1``. The inputs
+    are transposed into the blocks' layout once, inside the branch (``_lanes``), and widened a
+    step at a time inside the loops."""
+    batch, blocks, size = inputs.shape
+    arith, dtype = compensated.arithmetic(inputs.dtype), inputs.dtype
+    lanes = (_lanes(inputs), _lanes(inputs_low))
+    if blocks == 1:
+        entering = jnp.zeros((batch, 1), dtype)
     else:
-        block_maps = jax.lax.cond(
-            growing,
-            lambda: _block_maps(lanes_in, _ramps(w, True), table, inputs.dtype),
-            lambda: _block_maps(lanes_in, algebra, table, inputs.dtype))
-        entering = jax.lax.cond(
-            growing,
-            lambda: _entering(block_maps, start, _ramps(w, True), size),
-            lambda: _entering(block_maps, start, algebra, size))
-    entering_lanes = entering.T.reshape(-1)
+        algebra = _ramps(w, growing)
+        block_maps = _block_maps(lanes[0], algebra, _powers(w, np.arange(size + 1)), dtype)
+        entering = _entering(block_maps, jnp.zeros(batch, dtype), algebra, size)
+    with arith.context():
+        w_wide = arith.weight(w)
+        entering = _refined_entering(arith, w, w_wide, lanes, entering)
+        start = jax.tree.map(lambda x: x.T.reshape(-1), entering)  # in the lanes' order
+        _, states = _scan(lambda h, u: (lambda new: (new, arith.round(new, dtype)))(
+            arith.step(h, w_wide, arith.lift(*u))[0]), start, lanes)
+        last = jnp.maximum(lengths - 1, 0)
+        block = jax.tree.map(lambda x: jnp.take_along_axis(x, (last // size)[:, None, None],
+                                                           axis=1)[:, 0].T, (inputs, inputs_low))
+        h = jax.tree.map(lambda x: jnp.take_along_axis(x, (last // size)[:, None], axis=1)[:, 0],
+                         entering)
 
-    def run(carry, x):
-        hi, lo, alive = carry
-        u, u_low = x
-        hi, lo = compensated.step(hi, lo, w, u, u_low)
-        alive = alive & (hi > 0)
-        return (hi, lo, alive), (hi, lo, alive)
+        def step_if(h, x):  # the last block's steps up to each sequence's last one
+            take, u = x
+            new, _ = arith.step(h, w_wide, arith.lift(*u))
+            return jax.tree.map(lambda n, old: jnp.where(take, n, old), new, h), None
 
-    zeros = jnp.zeros_like(entering_lanes)
-    (end_hi, end_lo, end_alive), (hi, lo, alive) = _scan(
-        run, (entering_lanes, zeros, jnp.ones(lanes, bool)), (lanes_in, lanes_low))
-    if lanes == batch:
-        delta = zeros
-    else:
-        blocks = lanes // batch
-        by_block = lambda x: x.reshape(blocks, batch).T  # noqa: E731  (batch, blocks)
-        # rho_{k+1} = (hi_k - E_{k+1}) + lo_k: the difference is exact where they are within a
-        # factor 2 (Sterbenz), and rounds at its own magnitude elsewhere.
-        defect = (by_block(end_hi)[:, :-1] - entering[:, 1:]) + by_block(end_lo)[:, :-1]
-        maps = (jnp.ones((batch, blocks - 1), inputs.dtype), defect, by_block(end_alive)[:, :-1])
-        ends = _upper_states(maps, start, _affine(w), size)  # delta_1 ... delta_{blocks-1}
-        delta = jnp.concatenate([start[:, None], ends], axis=1).T.reshape(-1)
-    after = jax.tree.map(lambda x: x[1:][:, None], table)  # w**(j+1) for step j
-    correction = jnp.where(alive, ramps.multiply(delta[None, :], after), 0)
-    states = jnp.where(hi > 0, jnp.maximum(hi + (lo + correction), 0), 0)
-    last = jnp.maximum(lengths - 1, 0)
-    lane = last // size * batch + jnp.arange(batch)
-    final_state = jnp.where(lengths > 0, states[last % size, lane], 0)
+        h, _ = _scan(step_if, h, (jnp.arange(size)[:, None] <= last % size, block))
+        final_state = jnp.where(lengths > 0, arith.round(h, dtype), 0)
     return final_state, states
+
+
+def _refined_entering(arith, w, w_wide, steps, entering):
+    """The entering states ``(batch, blocks)`` as wide numbers, refined from the plain ones.
+
+    The exact entering states satisfy ``X_{k+1} = f_k(X_k)``, ``f_k`` block ``k``'s map. A pass
+    runs every block from ``X_k`` in the wide arithmetic, which gives ``f_k(X_k)`` to about
+    ``u**2``; where no step of block ``k`` changes its ReLU's decision between ``X_k`` and the
+    exact entering state, ``f_k`` is affine between them, slope ``J_k = w**C`` where every step
+    fired and 0 elsewhere, and the corrections ``d_k = exact_k - X_k`` solve
+    ``d_{k+1} = J_k d_k + (f_k(X_k) - X_{k+1})`` over the blocks (one upper level of affine
+    maps, in ``arith.solve``). A decision can change only at a step ``j`` (before the block's
+    first reset) with ``|pre_j| <= |w**(j+1) d_k|``; where some block has one, ``X + d`` is run
+    again, at most ``MAX_REFINEMENTS`` passes in all. The first pass starts from the plain
+    entering states, which are within the plain bound."""
+    batch, blocks = entering.shape
+    size = jax.tree.leaves(steps)[0].shape[0]
+    solve = compensated.solve_dtype(arith, entering.dtype)
+    entering = arith.lift(entering, jnp.zeros_like(entering))
+    if blocks == 1:
+        return entering
+    w_solve = w.astype(solve)
+    block_slope = _powers(w_solve, np.array([size]))  # w**C
+    algebra = _affine(w_solve)
+    by_block = lambda x: x.reshape(blocks, batch).T  # noqa: E731  (batch, blocks)
+
+    def run(carry, u):
+        h, reach = carry
+        h, pre = arith.step(h, w_wide, arith.lift(*u))
+        # reach: the least |pre| of the block's steps up to its first reset, negated (its sign
+        # bit set, -0.0 included) from that reset on. Two carries: XLA's CPU loop computes
+        # each carry in a fusion of its own, each repeating the step.
+        alive = ~jnp.signbit(reach)
+        least = jnp.minimum(reach, jnp.abs(pre))
+        return (h, jnp.where(alive, jnp.where(pre > 0, least, -least), reach)), None
+
+    def refine(x):
+        start = jax.tree.map(lambda x: x.T.reshape(-1), x)
+        (end, reach), _ = _scan(run, (start, jnp.full(batch * blocks, jnp.inf, solve)), steps)
+        end, reach = jax.tree.map(by_block, (end, reach))
+        defect = arith.minus(jax.tree.map(lambda e: e[:, :-1], end),
+                             jax.tree.map(lambda e: e[:, 1:], x))
+        maps = (jnp.ones_like(defect), defect, ~jnp.signbit(reach[:, :-1]))
+        correction = _upper_states(maps, jnp.zeros(batch, solve), algebra, size)
+        correction = jnp.concatenate([jnp.zeros((batch, 1), solve), correction], axis=1)
+        # Step j's decision changes only if |w**(j+1) correction| >= |pre_j|, so not where
+        # |correction| < least |pre_j| / max(1, |w|**C).
+        distance = jnp.where(jnp.abs(w_solve) > 1,
+                             jnp.abs(ramps.divide(jnp.abs(reach), _rows(block_slope, 0))),
+                             jnp.abs(reach))
+        changes = (correction != 0) & (jnp.abs(correction) >= distance) & (w != 0)
+        return arith.add(x, correction), jnp.any(changes)
+
+    entering, again = refine(entering)
+    entering, _, _ = jax.lax.while_loop(
+        lambda c: c[1] & (c[2] < MAX_REFINEMENTS), lambda c: (*refine(c[0]), c[2] + 1),
+        (entering, again, 1))
+    return entering
 
 
 @_compensated_from_zero.defjvp

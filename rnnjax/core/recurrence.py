@@ -210,26 +210,13 @@ def _sequential(cell, params, xs, lengths, initial_state, *, precision="compensa
 
 
 def _compensated_loop(cell, params, xs, lengths, initial_state):
-    """``_sequential`` for a scalar or diagonal ``ReLUCell``, on a double-word state ``hi + lo``
-    (``rnnjax.core.compensated.step``): the outputs are ``hi``, each state rounded once."""
+    """``_sequential`` for a scalar or diagonal ``ReLUCell`` in the wide arithmetic of
+    ``rnnjax.core.compensated`` (``loop``): each output is the state rounded once."""
     weights = params["params"]
     dtype = initial_state.dtype
     inputs, inputs_low = _projected(xs, weights["W_ih"].astype(dtype), compensate=True)
     w_hh = weights["W_hh"].reshape(-1).astype(dtype)
-    lengths = lengths[:, None]
-
-    def step(carry, x):
-        hi, lo, t = carry
-        new_hi, new_lo = compensated.step(hi, lo, w_hh, *x)
-        active = t < lengths
-        return ((jnp.where(active, new_hi, hi), jnp.where(active, new_lo, lo), t + 1),
-                jnp.where(active, new_hi, 0))
-
-    unroll = _UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL)
-    (final_state, _, _), outputs = jax.lax.scan(
-        step, (initial_state, jnp.zeros_like(initial_state), jnp.zeros((), jnp.int32)),
-        (jnp.swapaxes(inputs, 0, 1), jnp.swapaxes(inputs_low, 0, 1)), unroll=unroll)
-    return final_state, jnp.swapaxes(outputs, 0, 1)
+    return compensated.loop(w_hh, inputs, inputs_low, lengths, initial_state)
 
 
 # Up to this many input features the compensated projection sums its products in double words
@@ -247,10 +234,10 @@ def _projected(xs, w_ih, *, compensate):
         # CPU reduction ran 10x slower: 37 ms at T = 1e6, batch 8)
         x = xs[..., 0].astype(compute)
         inputs = (x * w_ih[0, 0])[..., None]
-        low = compensated.two_product(x, w_ih[0, 0])[1][..., None] if compensate else None
+        low = compensated.product_error(x, w_ih[0, 0])[..., None] if compensate else None
     elif w_ih.shape[0] == 1:  # one input feature: a product, which fuses with what makes xs
         inputs = xs.astype(compute) * w_ih[0]
-        low = compensated.two_product(xs.astype(compute), w_ih[0])[1] if compensate else None
+        low = compensated.product_error(xs.astype(compute), w_ih[0]) if compensate else None
     elif compensate and w_ih.shape[0] <= _COMPENSATED_DOT_FEATURES:
         # Dot2 (Ogita, Rump and Oishi): the products' and the sums' errors summed apart.
         x = xs.astype(compute)
