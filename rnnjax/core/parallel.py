@@ -415,35 +415,37 @@ def _from_zero_jvp(primals, tangents):
 
 
 # Passes of the compensated scan's refinement at most (see _refined_entering).
-MAX_REFINEMENTS = 4
+MAX_REFINEMENTS = 8
 
 
 @jax.custom_jvp
-def _compensated_from_zero(w, inputs, inputs_low, lengths, growing):
-    """``_from_zero``'s result, compensated: the inputs are ``inputs + inputs_low`` (both
-    ``_split``'s ``(batch, blocks, block_size)``), and every state comes from a run of its block
-    in the wide arithmetic of ``rnnjax.core.compensated`` from the block's entering state,
-    which ``_refined_entering`` finds to that precision; each is rounded once."""
+def _compensated_from(w, inputs, inputs_low, h0, lengths, growing):
+    """``_from_zero``'s result, compensated, from ``h0`` ``(batch,)`` (not folded into the first
+    input, whose sum a compiler may contract with the product ``w * h0``): the inputs are
+    ``inputs + inputs_low`` (both ``_split``'s ``(batch, blocks, block_size)``), and every state
+    comes from a run of its block in the wide arithmetic of ``rnnjax.core.compensated`` from the
+    block's entering state, which ``_refined_entering`` finds to that precision; each is
+    rounded once."""
     return jax.lax.cond(
         growing,
         functools.partial(_compensated_states, growing=True),
         functools.partial(_compensated_states, growing=False),
-        w, inputs, inputs_low, lengths)
+        w, inputs, inputs_low, h0, lengths)
 
 
-def _compensated_states(w, inputs, inputs_low, lengths, *, growing):
-    """``_compensated_from_zero``'s result; ``growing=False`` only if ``|w| <= 1``. The inputs
+def _compensated_states(w, inputs, inputs_low, h0, lengths, *, growing):
+    """``_compensated_from``'s result; ``growing=False`` only if ``|w| <= 1``. The inputs
     are transposed into the blocks' layout once, inside the branch (``_lanes``), and widened a
     step at a time inside the loops."""
     batch, blocks, size = inputs.shape
     arith, dtype = compensated.arithmetic(inputs.dtype), inputs.dtype
     lanes = (_lanes(inputs), _lanes(inputs_low))
     if blocks == 1:
-        entering = jnp.zeros((batch, 1), dtype)
+        entering = h0[:, None]
     else:
         algebra = _ramps(w, growing)
         block_maps = _block_maps(lanes[0], algebra, _powers(w, np.arange(size + 1)), dtype)
-        entering = _entering(block_maps, jnp.zeros(batch, dtype), algebra, size)
+        entering = _entering(block_maps, h0, algebra, size)
     with arith.context():
         w_wide = arith.weight(w)
         entering = _refined_entering(arith, w, w_wide, lanes, entering)
@@ -481,7 +483,9 @@ def _refined_entering(arith, w, w_wide, steps, entering):
     entering states, which are within the plain bound."""
     batch, blocks = entering.shape
     size = jax.tree.leaves(steps)[0].shape[0]
-    solve = compensated.solve_dtype(arith, entering.dtype)
+    entering_dtype = entering.dtype
+    solve = compensated.solve_dtype(arith, entering_dtype)
+    unit = float(jnp.finfo(entering_dtype).eps) / 2
     entering = arith.lift(entering, jnp.zeros_like(entering))
     if blocks == 1:
         return entering
@@ -514,7 +518,10 @@ def _refined_entering(arith, w, w_wide, steps, entering):
         distance = jnp.where(jnp.abs(w_solve) > 1,
                              jnp.abs(ramps.divide(jnp.abs(reach), _rows(block_slope, 0))),
                              jnp.abs(reach))
-        changes = (correction != 0) & (jnp.abs(correction) >= distance) & (w != 0)
+        # A change that a correction below u**2 |X_k| makes costs at most that, within the
+        # bound: such ones (ties at the wide precision's level) are not run again.
+        tie = unit**2 * jnp.abs(arith.round(x, entering_dtype).astype(solve))
+        changes = (jnp.abs(correction) >= distance) & (jnp.abs(correction) > tie) & (w != 0)
         return arith.add(x, correction), jnp.any(changes)
 
     entering, again = refine(entering)
@@ -524,13 +531,14 @@ def _refined_entering(arith, w, w_wide, steps, entering):
     return entering
 
 
-@_compensated_from_zero.defjvp
-def _compensated_from_zero_jvp(primals, tangents):
-    """``_from_zero_jvp``'s tangent recurrence at the compensated states; ``inputs_low`` carries
-    no derivative."""
-    w, inputs, inputs_low, lengths, growing = primals
-    dw, dinputs, _, _, _ = tangents
-    final_state, states = _compensated_from_zero(w, inputs, inputs_low, lengths, growing)
+@_compensated_from.defjvp
+def _compensated_from_jvp(primals, tangents):
+    """``_from_zero_jvp``'s tangent recurrence at the compensated states, the first step's
+    ``w dh0 + h0 dw`` added to its input's tangent; ``inputs_low`` carries no derivative."""
+    w, inputs, inputs_low, h0, lengths, growing = primals
+    dw, dinputs, _, dh0, _, _ = tangents
+    final_state, states = _compensated_from(w, inputs, inputs_low, h0, lengths, growing)
+    dinputs = dinputs.at[:, 0, 0].add(w * dh0 + h0 * dw)
     return (final_state, states), _tangents(w, dw, dinputs, states, lengths)
 
 
@@ -587,15 +595,16 @@ def _last_tangents(elements, dentering, lengths):
     return dlast
 
 
-def _scan_feature(w, inputs, lengths, growing, block_size, inputs_low=None):
-    """``relu_scan`` for one feature: a scalar ``w`` and ``(batch, time)`` inputs from 0;
-    compensated where ``inputs_low`` (the inputs' low words, ``(batch, time)``) is given."""
+def _scan_feature(w, inputs, lengths, growing, block_size, inputs_low=None, h0=None):
+    """``relu_scan`` for one feature: a scalar ``w`` and ``(batch, time)`` inputs from 0 (the
+    initial state folded into the first input); compensated where ``inputs_low`` (the inputs'
+    low words, ``(batch, time)``) is given, from ``h0`` ``(batch,)``."""
     batch, time = inputs.shape
     if inputs_low is None:
         final_state, states = _from_zero(w, _split(inputs, block_size), lengths, growing)
     else:
-        final_state, states = _compensated_from_zero(
-            w, _split(inputs, block_size), _split(inputs_low, block_size), lengths, growing)
+        final_state, states = _compensated_from(
+            w, _split(inputs, block_size), _split(inputs_low, block_size), h0, lengths, growing)
     position = jnp.arange(time)[None, :]
     states = jnp.where(position == jnp.maximum(lengths - 1, 0)[:, None], final_state[:, None],
                        _from_blocks(states, batch, time))
@@ -684,33 +693,29 @@ def scan(w: jax.Array, inputs: jax.Array, lengths: jax.Array, h0: jax.Array, *,
     derivative."""
     time = inputs.shape[1]
     size = default_block_size(time) if block_size is None else min(block_size, time)
-    # The first step sees w*h0 + u_0 (summed as the loop sums it), so the scan starts from 0.
-    first = h0 * w
-    if precision == "compensated":
-        low = jnp.zeros_like(inputs) if inputs_low is None else inputs_low
-        product, product_error = compensated.two_product(h0, w)
-        _, sum_error = compensated.two_sum(inputs[:, 0], product)
-        low = jax.lax.stop_gradient(
-            low + jnp.where(jnp.arange(time)[:, None] == 0, (product_error + sum_error)[:, None], 0))
-    inputs = _add_to_first_step(inputs, first)
     growing = jnp.any(jnp.abs(w) > 1)  # one branch for every feature, also under vmap
+    if precision == "compensated":  # from h0, which the wide runs start from exactly
+        low = jnp.zeros_like(inputs) if inputs_low is None else jax.lax.stop_gradient(inputs_low)
 
-    if precision == "compensated":
-        def scan_feature(w, inputs, low):  # w (), inputs and low (batch, time): one feature
-            return _scan_feature(w, inputs, lengths, growing, size, low)
+        def scan_feature(w, inputs, low, h0):  # w (), inputs and low (batch, time), h0 (batch,)
+            return _scan_feature(w, inputs, lengths, growing, size, low, h0)
 
-        operands = (w, inputs, low)
+        operands = (w, inputs, low, h0)
     else:
+        # The first step sees w*h0 + u_0 (summed as the loop sums it), so the scan starts from 0.
+        inputs = _add_to_first_step(inputs, h0 * w)
+
         def scan_feature(w, inputs):  # w () and inputs (batch, time): one feature's recurrence
             return _scan_feature(w, inputs, lengths, growing, size)
 
         operands = (w, inputs)
+    axes = (0,) + (2,) * (len(operands) - 1)
+    axes = axes[:3] + (1,) * (len(operands) == 4)  # h0 (batch, features)
     if w.shape[0] == 1:  # the common case, without vmap's extra axis (see _to_blocks)
-        final_state, states = jax.tree.map(
-            lambda x: x[..., None], scan_feature(operands[0][0], *(x[..., 0] for x in operands[1:])))
+        final_state, states = jax.tree.map(lambda x: x[..., None], scan_feature(
+            *(jnp.take(x, 0, axis) for x, axis in zip(operands, axes))))
     else:
-        final_state, states = jax.vmap(scan_feature, in_axes=(0,) + (2,) * (len(operands) - 1),
-                                       out_axes=(1, 2))(*operands)
+        final_state, states = jax.vmap(scan_feature, in_axes=axes, out_axes=(1, 2))(*operands)
     return jnp.where(lengths[:, None] > 0, final_state, h0), states
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from rnnjax.core import checks
 from rnnjax.core.cell import PRECISION, ReLUCell
 from rnnjax.core.masking import length_mask
+from rnnjax.core.compensated import PRECISIONS, Precision
 from rnnjax.core.recurrence import METHODS, Method, resolve_method, run
 
 __all__ = ["L1Norm", "RunningCount", "L1NormLearned"]
@@ -50,7 +51,8 @@ class _Model(nn.Module):
             "cell",
             lambda key: cell.init(key, cell.initialize_carry(key, xs[:, 0].shape), xs[:, 0])["params"],
         )
-        return run(cell, {"params": weights}, xs, lengths, None, method)
+        precision = checks.choice("precision", self.precision, PRECISIONS)
+        return run(cell, {"params": weights}, xs, lengths, None, method, precision=precision)
 
 
 def _nest(flat: dict[str, tuple[int, ...]]) -> dict:
@@ -87,6 +89,7 @@ class L1Norm(_Model):
     """
 
     method: Method = "auto"
+    precision: Precision = "compensated"
 
     @nn.compact
     def __call__(self, xs: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
@@ -110,6 +113,7 @@ class RunningCount(_Model):
 
     Attributes:
       method: how ``rnnjax.rnn`` evaluates the recurrence ("sequential", "parallel", "auto").
+      precision: "compensated" (the default) or "plain", as ``rnnjax.rnn`` takes it.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -121,6 +125,7 @@ class RunningCount(_Model):
     """
 
     method: Method = "auto"
+    precision: Precision = "compensated"
 
     @nn.compact
     def __call__(self, xs: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
@@ -152,6 +157,7 @@ class L1NormLearned(_Model):
 
     Attributes:
       method: how ``rnnjax.rnn`` evaluates the recurrence ("sequential", "parallel", "auto").
+      precision: "compensated" (the default) or "plain", as ``rnnjax.rnn`` takes it.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -163,6 +169,7 @@ class L1NormLearned(_Model):
     """
 
     method: Method = "auto"
+    precision: Precision = "compensated"
     WEIGHTS: ClassVar[dict[str, tuple[int, ...]]] = {**_SCALAR_CELL, "cell/W_ih": (2, 1), "dense/kernel": (1, 2)}
 
     @nn.compact
