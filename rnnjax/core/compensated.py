@@ -206,7 +206,6 @@ def solve_dtype(arith: Arithmetic, dtype) -> Any:
     return arith.solve or dtype
 
 
-@jax.custom_jvp
 def loop(w: jax.Array, inputs: jax.Array, inputs_low: jax.Array, lengths: jax.Array,
          h0: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The loop ``h_t = max(0, w*h_{t-1} + u_t)`` for ``t < lengths``, in the wide arithmetic
@@ -226,43 +225,47 @@ def loop(w: jax.Array, inputs: jax.Array, inputs_low: jax.Array, lengths: jax.Ar
     fired, 0 elsewhere; ``inputs_low`` carries none): a linear loop in the working dtype, which
     JAX transposes for reverse mode and differentiates again.
     """
+    swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731  (time, batch, features) inside
+    final_state, states = _time_major_loop(w, swap(inputs), swap(jax.lax.stop_gradient(inputs_low)),
+                                           lengths, h0)
+    return final_state, swap(states)
+
+
+@jax.custom_jvp
+def _time_major_loop(w, inputs, inputs_low, lengths, h0):
+    """``loop`` on ``(time, batch, features)`` inputs and states."""
     arith, dtype = arithmetic(inputs.dtype), inputs.dtype
     unroll = _UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL)
     with arith.context():
         w_wide = arith.weight(w)
         start = arith.lift(h0, jnp.zeros_like(h0))
-        steps = arith.lift(jnp.swapaxes(inputs, 0, 1), jnp.swapaxes(inputs_low, 0, 1))
 
-        def step(carry, u):
+        def step(carry, x):
             h, t = carry
-            new, _ = arith.step(h, w_wide, u)
+            new, _ = arith.step(h, w_wide, arith.lift(*x))
             active = t < lengths[:, None]
             h = jax.tree.map(lambda n, old: jnp.where(active, n, old), new, h)
             return (h, t + 1), jnp.where(active, arith.round(new, dtype), 0)
 
-        (h, _), states = jax.lax.scan(step, (start, jnp.zeros((), jnp.int32)), steps,
+        (h, _), states = jax.lax.scan(step, (start, jnp.zeros((), jnp.int32)), (inputs, inputs_low),
                                       unroll=unroll)
-        return arith.round(h, dtype), jnp.swapaxes(states, 0, 1)
+        return arith.round(h, dtype), states
 
 
-@loop.defjvp
-def _loop_jvp(primals, tangents):
-    w, inputs, _, lengths, h0 = primals
+@_time_major_loop.defjvp
+def _time_major_loop_jvp(primals, tangents):
+    w, _, _, lengths, h0 = primals
     dw, dinputs, _, _, dh0 = tangents
-    final_state, states = loop(*primals)
-    previous = jnp.concatenate([h0[:, None], states[:, :-1]], axis=1)
+    final_state, states = _time_major_loop(*primals)
     unroll = _UNROLL.get(jax.default_backend(), _ACCELERATOR_UNROLL)
 
     def step(carry, x):
-        y, t = carry
-        state, before, du = x
+        y, before, t = carry  # before: the state before this step
+        state, du = x
         active = t < lengths[:, None]
-        new = jnp.where(state > 0, w * y + before * dw + du, 0)
-        y = jnp.where(active, new, y)
-        return (y, t + 1), jnp.where(active, y, 0)
+        y = jnp.where(active, jnp.where(state > 0, w * y + before * dw + du, 0), y)
+        return (y, state, t + 1), jnp.where(active, y, 0)
 
-    swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
-    (dfinal, _), dstates = jax.lax.scan(
-        step, (dh0, jnp.zeros((), jnp.int32)), (swap(states), swap(previous), swap(dinputs)),
-        unroll=unroll)
-    return (final_state, states), (dfinal, swap(dstates))
+    (dfinal, _, _), dstates = jax.lax.scan(step, (dh0, h0, jnp.zeros((), jnp.int32)), (states, dinputs),
+                                           unroll=unroll)
+    return (final_state, states), (dfinal, dstates)
