@@ -25,10 +25,11 @@ METHODS: tuple[str, ...] = get_args(Method)
 _UNROLL = {"cpu": 1}
 _ACCELERATOR_UNROLL = 8
 
-# From this many steps on, "auto" runs a ReLU cell in parallel on a CPU too. The loop's float32
-# L1 norm of N(0, 1) inputs, worst of 40 sequences, is 5.2e-7 off at 256 steps, 8.6e-7 at 512,
-# 1.1e-6 at 1024 and 0.46 at 1e8; the blocked scan's is 2.3e-7 or less at every length up to 1e8
-# (benchmarks/NOTES.md, "What auto picks").
+# From this many steps on, "auto" runs a ReLU cell in parallel on a CPU too. Chosen on the plain
+# loop's accuracy: its float32 L1 norm of N(0, 1) inputs, worst of 40 sequences, is 5.2e-7 off at
+# 256 steps, 8.6e-7 at 512, 1.1e-6 at 1024 and 0.46 at 1e8; the plain blocked scan's 2.3e-7 or
+# less at every length up to 1e8 (benchmarks/NOTES.md, "What auto picks"). Compensated (the
+# default), both are within 2 ulps at every length (docs/accuracy.md).
 AUTO_PARALLEL_FROM = 256
 
 
@@ -101,12 +102,15 @@ def rnn(
         sum of ones stalls at 2048), or "auto" (see
         ``resolve_method``).
       precision: "compensated" (the default) carries a ``ReLUCell``'s recurrence, with
-        ``features == 1`` or ``diagonal=True``, in twice the working precision (error-free
-        transformations, ``rnnjax.core.compensated``), in the loop and in the parallel scan
-        alike: each state within about one rounding of the exact one (the bounds:
-        ``rnnjax.core.parallel``); "plain" rounds every operation once, as the cell does (the
-        parallel scan's error then depends on its block size). Other cells, a full ``W_hh``
-        and float16 or bfloat16 cells in the loop run plain either way.
+        ``features == 1`` or ``diagonal=True``, as if in twice the working precision (float64
+        for float32 on a CPU or GPU, double words otherwise: ``rnnjax.core.compensated``), in
+        the loop and in the parallel scan alike, and rounds each state once: within
+        ``u |h_t| + c u**2 S_t`` of the exact state, ``u`` the unit roundoff and ``S_t`` the
+        recurrence's condition number times ``|h_t|`` (the constants: ``docs/accuracy.md``);
+        float32 L1 norms within 2 ulps at any length. "plain" rounds every operation once, as
+        the cell does (the loop's float32 sums drift, the parallel scan's error depends on its
+        block size). Other cells, a full ``W_hh`` and float16 or bfloat16 cells in the loop run
+        plain either way.
 
     Returns:
       ``(final_state, states)``: ``final_state`` is the carry after step ``lengths[b] - 1`` (the
