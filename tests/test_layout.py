@@ -87,9 +87,10 @@ def test_import_rnnjax_is_cheap_and_the_api_is_exported():
 
 def test_settings_table_names_the_tasks_and_recipes_the_code_defines():
     from rnnjax.app import settings, tasks
-    from rnnjax.core import recurrence
+    from rnnjax.core import compensated, recurrence
     from rnnjax.training import recipes
 
     assert set(settings.TASKS) == set(tasks.TASKS)
     assert set(settings.RECIPES) == set(recipes.RECIPES)
     assert settings.RECIPES[tasks.DEFAULT_RECIPE] and set(settings.METHODS) == set(recurrence.METHODS)
+    assert settings.PRECISIONS == compensated.PRECISIONS

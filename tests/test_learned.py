@@ -64,8 +64,10 @@ def test_function_weights_match_numpy():
 
 def test_no_sign_test_touches_the_inputs():
     """The forward pass holds no abs or sign, and compares only integers (step counters with
-    lengths): |x| has to come from relu(k x) alone."""
-    model = L1NormLearned(method="sequential")
+    lengths): |x| has to come from relu(k x) alone. Plain precision: compensated evaluation's
+    error-free transformations compare and take magnitudes of the cell's products and sums (its
+    ReLU decides on the pre-activation's sign), never of x."""
+    model = L1NormLearned(method="sequential", precision="plain")
     xs, lengths = jnp.ones((2, 5)), jnp.array([5, 3])
     variables = model.init(jax.random.key(0), xs, lengths)
     jaxpr = jax.make_jaxpr(model.apply)(variables, xs, lengths)

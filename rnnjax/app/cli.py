@@ -295,15 +295,17 @@ def evaluate(args) -> int:
     untrusted = [] if loaded.converged else [f"--params {args.params}: not a converged run ({loaded.status})"]
     if args.task != "count":
         with _argument("sequence", "input"):  # only a file's numbers can sum past float32's range
-            predicted, exact, error = tasks.l1_check(loaded.params, sequence, args.method, task=args.task)
+            predicted, exact, error = tasks.l1_check(loaded.params, sequence, args.method, task=args.task,
+                                                     precision=args.precision)
         print(f"length {sequence.size}: predicted {predicted:.9g}, exact {exact:.9g} (float64), "
               f"relative error {error:.2e}")
         if not error <= tasks.L1_EVAL_TOL[args.task]:
-            advice = "; try --method auto (the default)" if args.method == "sequential" and loaded.converged else ""
+            advice = ("; try --precision compensated (the default)"
+                      if args.precision == "plain" and loaded.converged else "")
             untrusted.append(f"relative error {error:.2e}, above the {tasks.L1_EVAL_TOL[args.task]:g} "
                              f"rnnjax holds {args.task} to" + advice)
     else:
-        predicted, exact = tasks.count_check(loaded.params, sequence[None], args.method)
+        predicted, exact = tasks.count_check(loaded.params, sequence[None], args.method, args.precision)
         errors = np.abs(predicted - exact)[0]
         print(f"length {sequence.size}: the running count after each step")
         _print_counts(sequence, exact[0], predicted[0])

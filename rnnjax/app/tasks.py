@@ -15,6 +15,7 @@ import numpy as np
 from rnnjax.app import settings as table
 from rnnjax.core import checks
 from rnnjax.core.checks import SEED_LIMIT, InputError
+from rnnjax.core.compensated import Precision
 from rnnjax.core.recurrence import Method
 from rnnjax.training.data import Batch, count_batch, l1_batch
 from rnnjax.training.fit import FitResult, LoopOptions, StepOptions, fit, fit_start, weight_elements
@@ -62,9 +63,10 @@ TASKS = {
 SLOPE_TOL = 1e-6
 
 # The relative error of the L1 norm, against the float64 sum, beyond which `rnnjax eval` does
-# not trust a result: the 1e-6 that "auto" keeps at any length up to 1e8, plus for l1-learned
-# the SLOPE_TOL its converged slopes may be off by. A count is trusted while it rounds right.
-L1_EVAL_TOL = {"l1": 1e-6, "l1-learned": 1e-6 + SLOPE_TOL}
+# not trust a result: the 2 ulps (2 * float32's eps) that compensated evaluation keeps at any
+# length up to 1e8 (docs/accuracy.md), plus for l1-learned the SLOPE_TOL its converged slopes
+# may be off by. A count is trusted while it rounds right.
+L1_EVAL_TOL = {"l1": 2.4e-7, "l1-learned": 2.4e-7 + SLOPE_TOL}
 
 # The recipe `train`, `demo` and `sweep` use unless told otherwise: it converged from all 1,000
 # random inits of each task's weights that benchmarks/SWEEPS.md measured (rnnjax.training.recipes).
@@ -299,7 +301,7 @@ def _apply(model: nn.Module):
 
 
 def l1_check(params: Any, sequence: np.ndarray, method: Method = "auto", *,
-             task: str = "l1") -> tuple[float, float, float]:
+             task: str = "l1", precision: Precision = "compensated") -> tuple[float, float, float]:
     """Returns ``(predicted, exact, relative_error)`` of the L1 norm of one sequence by the
     network of ``task`` ("l1" or "l1-learned") with weights ``params``; ``exact`` is the float64
     sum of ``|x|``. Raises ``InputError`` when that is beyond float32's range."""
@@ -309,12 +311,13 @@ def l1_check(params: Any, sequence: np.ndarray, method: Method = "auto", *,
     if not representable:
         raise InputError(f"the L1 norm of this sequence, {exact:.9g}, is beyond float32's range "
                          f"(largest {_FLOAT32_MAX:.9g}), where the network computes", "sequence")
-    model = TASKS[task].model(method=method)
+    model = TASKS[task].model(method=method, precision=precision)
     predicted = float(_apply(model)(params, jnp.asarray(sequence, jnp.float32)[None])[0])
     return predicted, exact, abs(predicted - exact) / max(exact, np.finfo(np.float64).tiny)
 
 
-def count_check(params: Any, bits: np.ndarray, method: Method = "auto") -> tuple[np.ndarray, np.ndarray]:
+def count_check(params: Any, bits: np.ndarray, method: Method = "auto",
+                precision: Precision = "compensated") -> tuple[np.ndarray, np.ndarray]:
     """Returns ``(predicted, exact)`` running counts, each ``(batch, time)``, of ``bits``
     ``(batch, time)`` of 0s and 1s, at most ``2**24`` long (float32 counts are exact up to there)."""
     bits = np.asarray(bits, np.float32)
@@ -323,5 +326,5 @@ def count_check(params: Any, bits: np.ndarray, method: Method = "auto") -> tuple
     if bits.ndim != 2 or bits.shape[1] > table.COUNT_MAX_LENGTH:
         raise InputError(f"bits must be (batch, time) with time at most 2**24 = 16,777,216 (float32 counts are "
                          f"exact up to there); received shape {bits.shape}", "bits")
-    predicted = _apply(RunningCount(method=method))(params, jnp.asarray(bits))
+    predicted = _apply(RunningCount(method=method, precision=precision))(params, jnp.asarray(bits))
     return np.asarray(predicted), np.cumsum(bits, axis=1)

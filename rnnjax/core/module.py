@@ -12,6 +12,7 @@ from flax.core import FrozenDict
 
 from rnnjax.core import checks
 from rnnjax.core.cell import ReLUCell
+from rnnjax.core.compensated import PRECISIONS, Precision
 from rnnjax.core.recurrence import METHODS, Method, default_unroll, initial_carry, resolve_method, run
 
 __all__ = ["RNN"]
@@ -48,6 +49,8 @@ class RNN(nn.Module):
         as in ``nn.RNN``; a ``ReLUCell`` runs under the defaults only.
       method: "sequential", "parallel" (a ``ReLUCell`` with ``features == 1`` or
         ``diagonal=True``: the exact blocked scan) or "auto" (see ``rnnjax.rnn``).
+      precision: "compensated" or "plain", as in ``rnnjax.rnn`` (a scalar or diagonal
+        ``ReLUCell`` under the default lifted options; other cells run plain).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -70,6 +73,7 @@ class RNN(nn.Module):
     variable_carry: Any = False
     split_rngs: Mapping[Any, bool] = FrozenDict({"params": False})
     method: Method = "auto"
+    precision: Precision = "compensated"
 
     def __call__(
         self,
@@ -110,7 +114,7 @@ class RNN(nn.Module):
                 self.cell(carry, xs[(slice(None),) * lengths.ndim + (0,)])
             final_carry, outputs = run(self.cell.clone(parent=None), self.cell.variables, xs, lengths, carry,
                                        method, reverse=option["reverse"], keep_order=option["keep_order"],
-                                       unroll=self.unroll)
+                                       precision=self.precision, unroll=self.unroll)
         else:
             final_carry, outputs = run(self.cell, None, xs, lengths, carry, method, reverse=option["reverse"],
                                        keep_order=option["keep_order"], loop=self._lifted_scan)
@@ -123,6 +127,7 @@ class RNN(nn.Module):
         carry and the method to run."""
         cell = checks.cell("cell", self.cell)
         method = checks.choice("method", self.method, METHODS)
+        checks.choice("precision", self.precision, PRECISIONS)
         features = cell.num_feature_axes
         layout = "(time, *batch, *features)" if time_major else "(*batch, time, *features)"
         xs = checks.floating_array("inputs", inputs, complex_ok=True, shapes=(layout.replace("*features", (

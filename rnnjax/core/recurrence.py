@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnnjax.core import checks
+from rnnjax.core import checks, compensated
 from rnnjax.core.cell import PRECISION, ReLUCell
+from rnnjax.core.compensated import PRECISIONS, Precision
 from rnnjax.core.masking import length_mask
 from rnnjax.core.parallel import scan
 
@@ -28,10 +29,11 @@ Loop = Callable[[Callable, Any, Any], tuple[Any, Any]]
 _UNROLL = {"cpu": 1}
 _ACCELERATOR_UNROLL = 8
 
-# From this many steps on, "auto" runs a ReLU cell in parallel on a CPU too. The loop's float32
-# L1 norm of N(0, 1) inputs, worst of 40 sequences, is 5.2e-7 off at 256 steps, 8.6e-7 at 512,
-# 1.1e-6 at 1024 and 0.46 at 1e8; the blocked scan's is 2.3e-7 or less at every length up to 1e8
-# (benchmarks/NOTES.md, "What auto picks").
+# From this many steps on, "auto" runs a ReLU cell in parallel on a CPU too. Chosen on the plain
+# loop's accuracy: its float32 L1 norm of N(0, 1) inputs, worst of 40 sequences, is 5.2e-7 off at
+# 256 steps, 8.6e-7 at 512, 1.1e-6 at 1024 and 0.46 at 1e8; the plain blocked scan's 2.3e-7 or
+# less at every length up to 1e8 (benchmarks/NOTES.md, "What auto picks"). Compensated (the
+# default), both are within 2 ulps at every length (docs/accuracy.md).
 AUTO_PARALLEL_FROM = 256
 
 
@@ -83,6 +85,7 @@ def rnn(
     method: Method = "auto",
     reverse: bool = False,
     keep_order: bool = False,
+    precision: Precision = "compensated",
 ) -> tuple[Any, jax.Array]:
     """Runs ``cell`` over the time axis of ``xs``, each sequence stopping at its length.
 
@@ -115,6 +118,16 @@ def rnn(
         at the end.
       keep_order: with ``reverse``, return the outputs in the inputs' order (step t's output
         next to ``xs[..., t, :]``) instead of the order in which they were computed.
+      precision: "compensated" (the default) carries a ``ReLUCell``'s recurrence, with
+        ``features == 1`` or ``diagonal=True``, as if in twice the working precision (float64
+        for float32 on a CPU or GPU, double words otherwise: ``rnnjax.core.compensated``), in
+        the loop and in the parallel scan alike, and rounds each state once: within
+        ``u |h_t| + c u**2 S_t`` of the exact state, ``u`` the unit roundoff and ``S_t`` the
+        recurrence's condition number times ``|h_t|`` (the constants: ``docs/accuracy.md``);
+        float32 L1 norms within 2 ulps at any length. "plain" rounds every operation once, as
+        the cell does (the loop's float32 sums drift, the parallel scan's error depends on its
+        block size). Other cells, a full ``W_hh`` and float16 or bfloat16 cells in the loop run
+        plain either way.
 
     Returns:
       ``(final_state, states)``: ``final_state`` is the carry after the last real step (the
@@ -136,6 +149,7 @@ def rnn(
     xs = checks.floating_array("xs", xs, complex_ok=True,
                                shapes=(f"(*batch, time, {', '.join(_feature_names(features))})",))
     method = checks.choice("method", method, METHODS)
+    precision = checks.choice("precision", precision, PRECISIONS)
     batch_shape, time = xs.shape[:xs.ndim - features - 1], xs.shape[xs.ndim - features - 1]
     step_shape = (*batch_shape, *xs.shape[xs.ndim - features:])
     expected_params, expected_carry = _expected(cell, step_shape, xs.dtype)
@@ -146,7 +160,8 @@ def rnn(
     lengths = checks.lengths(lengths, batch_shape if len(batch_shape) != 1 else batch_shape[0], time)
     initial_state = initial_carry("initial_state", initial_state, expected_carry)
     method = resolve_method(cell, method, time=time, dtype=xs.dtype)
-    return run(cell, params, xs, lengths, initial_state, method, reverse=reverse, keep_order=keep_order)
+    return run(cell, params, xs, lengths, initial_state, method, reverse=reverse, keep_order=keep_order,
+               precision=precision)
 
 
 def _feature_names(count: int) -> list[str]:
@@ -154,8 +169,8 @@ def _feature_names(count: int) -> list[str]:
 
 
 def run(cell: nn.Module, params: Any, xs: jax.Array, lengths: jax.Array, initial_state: Any,
-        method: str, *, reverse: bool = False, keep_order: bool = False, unroll: int | None = None,
-        loop: Loop | None = None) -> tuple[Any, jax.Array]:
+        method: str, *, reverse: bool = False, keep_order: bool = False, precision: str = "compensated",
+        unroll: int | None = None, loop: Loop | None = None) -> tuple[Any, jax.Array]:
     """``rnn`` on checked arguments: ``lengths`` int32 in ``[0, time]`` shaped like the batch
     axes, ``initial_state`` the carry (or None for zeros), ``method`` "sequential" or "parallel"
     (as ``resolve_method`` returns it). What ``rnnjax.RNN`` calls after checking its arguments.
@@ -164,7 +179,7 @@ def run(cell: nn.Module, params: Any, xs: jax.Array, lengths: jax.Array, initial
     replaces ``lax.scan`` for the sequential method: ``loop(body, carry, xs)`` must return
     ``lax.scan(lambda carry, x: body(step, carry, x), carry, xs)`` for a ``step(carry, x)`` of
     its own (``rnnjax.RNN`` passes flax's lifted ``nn.scan``, which owns the cell's variables and
-    random numbers; ``params`` is then unused).
+    random numbers; ``params`` is then unused, and the loop runs plain whatever ``precision``).
     """
     batch_axes = lengths.ndim
     batch_shape, time = xs.shape[:batch_axes], xs.shape[batch_axes]
@@ -177,12 +192,18 @@ def run(cell: nn.Module, params: Any, xs: jax.Array, lengths: jax.Array, initial
         # The carry in the dtype one step returns (inputs, weights and state promoted together).
         step = jax.eval_shape(lambda h, x: cell.apply(params, h, x)[0], initial_state, xs[:, 0])
         initial_state = jax.tree.map(lambda h, s: h.astype(s.dtype), initial_state, step)
+        compensate = (precision == "compensated" and _parallel_refusal(cell) is None
+                      and initial_state.dtype in (jnp.float32, jnp.float64))
         loop = functools.partial(_scan, functools.partial(cell.apply, params), unroll or default_unroll())
+    else:
+        compensate = False
     xs = jnp.where(_expand(length_mask(lengths, time), xs), xs, 0)
     if reverse:
         xs = flip_sequences(xs, lengths)
     if method == "parallel":
-        final_state, states = _parallel(cell, params, xs, lengths, initial_state)
+        final_state, states = _parallel(cell, params, xs, lengths, initial_state, precision=precision)
+    elif compensate:
+        final_state, states = _compensated_loop(cell, params, xs, lengths, initial_state)
     else:
         final_state, states = _sequential(loop, xs, lengths, initial_state, freeze=isinstance(cell, ReLUCell))
     if reverse and keep_order:
@@ -291,22 +312,61 @@ def _select(active: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(_expand(active, n), n, o), new, old)
 
 
-def _parallel(cell, params, xs, lengths, initial_state):
+def _compensated_loop(cell, params, xs, lengths, initial_state):
+    """``_sequential`` for a scalar or diagonal ``ReLUCell`` in the wide arithmetic of
+    ``rnnjax.core.compensated`` (``loop``): each output is the state rounded once."""
+    weights = params["params"]
+    dtype = initial_state.dtype
+    inputs, inputs_low = _projected(xs, weights["W_ih"].astype(dtype), compensate=True)
+    w_hh = weights["W_hh"].reshape(-1).astype(dtype)
+    return compensated.loop(w_hh, inputs, inputs_low, lengths, initial_state)
+
+
+# Up to this many input features the compensated projection sums its products in double words
+# (a loop over the features, unrolled); beyond, it is one rounded dot product.
+_COMPENSATED_DOT_FEATURES = 16
+
+
+def _projected(xs, w_ih, *, compensate):
+    """``(inputs, inputs_low)``: ``xs @ w_ih`` ``(batch, time, features)`` and, where
+    ``compensate``, its rounding error (zeros otherwise, and beyond
+    ``_COMPENSATED_DOT_FEATURES`` input features), which carries no derivative."""
+    compute = w_ih.dtype
+    if w_ih.shape == (1, 1):  # a product of (batch, time) arrays, which fuses with what makes
+        # xs; its gradient is then a sum over two axes (with the features axis of 1 kept, XLA's
+        # CPU reduction ran 10x slower: 37 ms at T = 1e6, batch 8)
+        x = xs[..., 0].astype(compute)
+        inputs = (x * w_ih[0, 0])[..., None]
+        low = compensated.product_error(x, w_ih[0, 0])[..., None] if compensate else None
+    elif w_ih.shape[0] == 1:  # one input feature: a product, which fuses with what makes xs
+        inputs = xs.astype(compute) * w_ih[0]
+        low = compensated.product_error(xs.astype(compute), w_ih[0]) if compensate else None
+    elif compensate and w_ih.shape[0] <= _COMPENSATED_DOT_FEATURES:
+        # Dot2 (Ogita, Rump and Oishi): the products' and the sums' errors summed apart.
+        x = xs.astype(compute)
+        inputs, low = compensated.two_product(x[..., :1], w_ih[0])
+        for i in range(1, w_ih.shape[0]):
+            product, product_error = compensated.two_product(x[..., i:i + 1], w_ih[i])
+            inputs, sum_error = compensated.two_sum(inputs, product)
+            low = low + (sum_error + product_error)
+    else:
+        inputs = jnp.dot(xs.astype(compute), w_ih, precision=PRECISION)
+        low = None
+    if not compensate:
+        return inputs, None
+    return inputs, jax.lax.stop_gradient(jnp.zeros_like(inputs) if low is None else low)
+
+
+def _parallel(cell, params, xs, lengths, initial_state, *, precision="compensated"):
     """The same as ``_sequential``, by the exact blocked scan of ``rnnjax.core.parallel``."""
     weights = params["params"]
     dtype = initial_state.dtype
     compute = jnp.promote_types(dtype, jnp.float32)  # float16 and bfloat16 weights: float32
-    w_ih = weights["W_ih"].astype(compute)
-    if w_ih.shape == (1, 1):  # a product of (batch, time) arrays, which fuses with what makes
-        # xs; its gradient is then a sum over two axes (with the features axis of 1 kept, XLA's
-        # CPU reduction ran 10x slower: 37 ms at T = 1e6, batch 8)
-        inputs = (xs[..., 0].astype(compute) * w_ih[0, 0])[..., None]
-    elif w_ih.shape[0] == 1:  # one input feature: a product, which fuses with what makes xs
-        inputs = xs.astype(compute) * w_ih[0]
-    else:
-        inputs = jnp.dot(xs.astype(compute), w_ih, precision=PRECISION)
+    inputs, inputs_low = _projected(xs, weights["W_ih"].astype(compute),
+                                    compensate=precision == "compensated")
     w_hh = weights["W_hh"].reshape(-1).astype(compute)
-    final_state, states = scan(w_hh, inputs, lengths, initial_state.astype(compute))
+    final_state, states = scan(w_hh, inputs, lengths, initial_state.astype(compute),
+                               precision=precision, inputs_low=inputs_low)
     if dtype == compute:
         return final_state, states
     largest = jnp.finfo(dtype).max  # a float32 state past float16's range saturates, not inf
