@@ -36,6 +36,7 @@ test-all: $(VENV)/.installed
 # The whole suite, accuracy up to 1e8 steps included: about 5 to 10 minutes on 2 CPU cores.
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/suite.py
+	$(BIN)/python benchmarks/flax_module.py
 
 # The 10,000-step sequence and the accuracy check only (about 2 minutes); its results are not kept in git.
 bench-core: $(VENV)/.installed-bench

@@ -4,7 +4,9 @@ The L1 network (|x| by negation, a one-unit cell, its final carry regressed on t
 T = 1e4, batches 1 and 8: forward pass and training step (forward, backward, Adam 0.1), each
 way of running the cell timed in alternation, call by call (``timing.measure_alternating``),
 compile time apart. Cells: ``ReLUCell(1)`` (the sequential method, which ``nn.RNN`` has too)
-and ``nn.LSTMCell(1)``. It also compiles the ReLU network's training step through
+and ``nn.LSTMCell(1)``. rnnjax runs with ``precision="plain"``, the arithmetic ``nn.RNN`` does;
+"RNN compensated" is ``rnnjax.RNN`` at its default, ``precision="compensated"`` (which changes
+only a ReLU cell). It also compiles the ReLU network's training step through
 ``rnnjax.RNN`` and through ``rnn`` and says whether the two programs are the same (XLA's
 optimised HLO, source metadata aside).
 
@@ -38,7 +40,7 @@ from rnnjax.training.data import Batch  # noqa: E402
 from rnnjax.training.fit import init_state, make_train_step  # noqa: E402
 
 CELLS = {"ReLUCell(1)": lambda **kw: ReLUCell(1, **kw), "nn.LSTMCell(1)": lambda **kw: nn.LSTMCell(1, **kw)}
-WAYS = ("rnnjax.rnn", "rnnjax.RNN", "flax nn.RNN")
+WAYS = ("rnnjax.rnn", "rnnjax.RNN", "flax nn.RNN", "RNN compensated")
 MODES = ("forward", "train")
 
 
@@ -55,9 +57,13 @@ class L1Network(nn.Module):
             cell = CELLS[self.cell](parent=None)
             carry = cell.initialize_carry(jax.random.key(0), magnitudes[:, 0].shape)
             weights = self.param("cell", lambda key: cell.init(key, carry, magnitudes[:, 0])["params"])
-            carry, _ = rnn(cell, {"params": weights}, magnitudes, lengths, method="sequential")
+            carry, _ = rnn(cell, {"params": weights}, magnitudes, lengths, method="sequential", precision="plain")
+        elif self.way == "flax nn.RNN":
+            layer = nn.RNN(CELLS[self.cell]())
         else:
-            layer = RNN(CELLS[self.cell](), method="sequential") if self.way == "rnnjax.RNN" else nn.RNN(CELLS[self.cell]())
+            precision = "plain" if self.way == "rnnjax.RNN" else "compensated"
+            layer = RNN(CELLS[self.cell](), method="sequential", precision=precision)
+        if self.way != "rnnjax.rnn":
             carry, _ = layer(magnitudes, seq_lengths=lengths, return_carry=True)
         return (carry[1] if isinstance(carry, tuple) else carry)[:, 0]  # an LSTM's carry is (c, h)
 
@@ -108,15 +114,16 @@ def markdown(rows, info, same) -> str:
            "Median ms of one call without compile time (first call, ms, in brackets); the three ways of "
            "a row timed in alternation. RNN / rnn near 1 means the module costs nothing; nn.RNN / RNN "
            "above 1 means rnnjax.RNN is the faster.", "",
-           "| cell | mode | T | batch | rnnjax.rnn | rnnjax.RNN | flax nn.RNN | RNN / rnn | nn.RNN / RNN |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| cell | mode | T | batch | rnnjax.rnn | rnnjax.RNN | flax nn.RNN | RNN compensated | RNN / rnn "
+           "| nn.RNN / RNN | compensated / RNN |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     key = lambda r: (r["cell"], r["mode"], r["time"], r["batch"])  # noqa: E731
     for group in sorted({key(r) for r in rows}, key=lambda k: (k[0], MODES.index(k[1]), k[2], k[3])):
         found = {r["way"]: r for r in rows if key(r) == group}
         cells = [f"{found[w]['median_ms']:.4g} ({found[w]['first_call_ms']:.0f})" for w in WAYS]
-        module, function, flax = (found[w]["median_ms"] for w in ("rnnjax.RNN", "rnnjax.rnn", "flax nn.RNN"))
+        module, function, flax, compensated = (found[w]["median_ms"] for w in WAYS[1::-1] + WAYS[2:])
         out.append(f"| {group[0]} | {group[1]} | {group[2]:.0e} | {group[3]} | " + " | ".join(cells)
-                   + f" | {module / function:.2f} | {flax / module:.2f} |")
+                   + f" | {module / function:.2f} | {flax / module:.2f} | {compensated / module:.2f} |")
     out += ["", f"The ReLU network's training step through rnnjax.RNN and through rnnjax.rnn compiles to "
                 f"{'the same' if same else 'a different'} program (optimised HLO without metadata)."]
     return "\n".join(out) + "\n"

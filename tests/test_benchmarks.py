@@ -148,3 +148,14 @@ def test_tune_reference_is_the_masked_relu_loop_and_its_derivative():
     # d/dw of h_t = w*h_{t-1} + u_t where it fires is h_{t-1} + w * dh_{t-1}: w = 0.5 gives 0,
     # 1 + 0.5*0 = 1, 2.5 + 0.5*1 = 3; w = -2 clips at the last step (0), and sequence 1 adds 0.
     np.testing.assert_allclose(dw, [3.0, 0.0])
+
+
+def test_flax_module_benchmark_writes_its_table_and_compares_the_programs(tmp_path, capsys):
+    import flax_module
+
+    flax_module.main(["--lengths", "20", "--batches", "2", "--budget-s", "0.01", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "flax_module.json").read_text())
+    assert report["same_program"] is True  # rnnjax.RNN and rnn: one compiled training step
+    assert len(report["rows"]) == len(flax_module.CELLS) * len(flax_module.WAYS) * len(flax_module.MODES)
+    table = (tmp_path / "flax_module.md").read_text()
+    assert table.count("\n| ReLUCell(1) |") == table.count("\n| nn.LSTMCell(1) |") == 2
