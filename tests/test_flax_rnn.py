@@ -23,7 +23,8 @@ def _cell_params_checked(variables, channels_in, channels_out, bias_size=None):
         assert layer_params["kernel"].shape[-1] == (bias_size or channels_out)
 
 
-@pytest.mark.parametrize("batch_dims, unroll", [((10,), None), ((10, 11), None), ((10,), 10)])
+@pytest.mark.parametrize("batch_dims, unroll", [((10,), None), pytest.param((10, 11), None, marks=pytest.mark.slow),
+                                               pytest.param((10,), 10, marks=pytest.mark.slow)])
 def test_basic_forward_multiple_batch_dims_and_unroll(batch_dims, unroll):
     layer = RNN(nn.LSTMCell(15), return_carry=True, unroll=unroll)
     xs = jnp.ones((*batch_dims, 40, 5))
@@ -46,6 +47,7 @@ def test_time_major():
     _cell_params_checked(variables, 5, 15)
 
 
+@pytest.mark.slow
 def test_spatial_dimensions_conv_lstm():
     layer = RNN(nn.ConvLSTMCell(15, (3, 3)))
     xs = jnp.ones((10, 40, 32, 32, 5))
@@ -219,6 +221,7 @@ def test_per_step_variables_as_in_nn_rnn():
         RNN(ReLUCell(1), method="parallel", **options).init(jax.random.key(0), xs[..., :1])
 
 
+@pytest.mark.slow
 def test_usable_in_setup_and_sequential():
     class Encoder(nn.Module):
         def setup(self):
