@@ -150,6 +150,7 @@ def test_tune_reference_is_the_masked_relu_loop_and_its_derivative():
     np.testing.assert_allclose(dw, [3.0, 0.0])
 
 
+@pytest.mark.slow
 def test_flax_module_benchmark_writes_its_table_and_compares_the_programs(tmp_path, capsys):
     import flax_module
 

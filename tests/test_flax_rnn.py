@@ -101,7 +101,7 @@ def test_numerical_equivalence_with_mask():
             np.testing.assert_allclose(carry_t[b], carry_[b], rtol=1e-5)
 
 
-@pytest.mark.parametrize("keep_order", [False, True])
+@pytest.mark.parametrize("keep_order", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_reverse(keep_order):
     layer = RNN(nn.LSTMCell(OUT), return_carry=True, reverse=True, keep_order=keep_order)
     xs = jax.random.uniform(jax.random.key(1), (BATCH, TIME, IN))
@@ -160,7 +160,8 @@ def test_bidirectional_custom_merge_and_carry():
     assert jax.tree.map(jnp.shape, forward) == jax.tree.map(jnp.shape, backward) == ((BATCH, OUT), (BATCH, OUT))
 
 
-@pytest.mark.parametrize("cell", [ReLUCell(1), ReLUCell(OUT, diagonal=True), nn.GRUCell(OUT)],
+@pytest.mark.parametrize("cell", [ReLUCell(1), pytest.param(ReLUCell(OUT, diagonal=True), marks=pytest.mark.slow),
+                                  nn.GRUCell(OUT)],
                          ids=lambda cell: type(cell).__name__ + str(cell.features))
 def test_bidirectional_equals_flax_on_real_steps(cell):
     """The same variables in nn.Bidirectional(nn.RNN, nn.RNN) and with rnnjax.RNN: equal outputs

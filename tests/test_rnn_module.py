@@ -85,7 +85,7 @@ def test_parallel_and_sequential_equal_the_float64_loop_in_every_combination(com
     check_both_methods(*combination, seed=len(str(combination)))
 
 
-@pytest.mark.parametrize("cell", [ReLUCell(3, diagonal=True), nn.LSTMCell(3), nn.GRUCell(3)],
+@pytest.mark.parametrize("cell", [ReLUCell(3, diagonal=True), nn.LSTMCell(3), pytest.param(nn.GRUCell(3), marks=pytest.mark.slow)],
                          ids=lambda cell: type(cell).__name__)
 def test_masked_gradients_equal_flax_and_ignore_nan_padding(cell):
     """The loss sees the real steps only: nn.RNN's gradient then equals ours on zero padding,
@@ -136,7 +136,7 @@ def test_vmap_over_a_leading_axis_equals_a_second_batch_axis():
     chex.assert_trees_all_close(mapped, layer.apply(variables, xs, seq_lengths=lengths), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["sequential", "parallel"])
+@pytest.mark.parametrize("method", [pytest.param("sequential", marks=pytest.mark.slow), "parallel"])
 def test_float64_matches_the_loop_to_float64_rounding(method):
     with jax.enable_x64(True):
         variables = jax.tree.map(lambda w: w.astype(jnp.float64), relu_variables("diagonal", 3))
