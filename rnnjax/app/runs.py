@@ -255,13 +255,13 @@ def train_run(
     Example:
       >>> import tempfile, pathlib
       >>> out = pathlib.Path(tempfile.mkdtemp()) / "run"
-      >>> run = train_run("count", given={"recipe": "notebook", "steps": 40}, out=out, checkpoint_every=20)
-      >>> run.dead_seeds, run.seed, run.result.stop_reason  # seeds 0-2 draw a dead ReLU
-      ([0, 1, 2], 3, 'budget')
+      >>> run = train_run("count", seed=2, given={"recipe": "notebook", "steps": 40}, out=out, checkpoint_every=20)
+      >>> run.dead_seeds, run.seed, run.result.stop_reason  # seeds 2 and 3 draw a dead ReLU
+      ([2, 3], 4, 'budget')
       >>> sorted(p.name for p in out.iterdir()), [p.name for p in sorted((out / "checkpoints").iterdir())]
       (['checkpoints', 'metrics.json', 'training.png'], ['20', '40'])
       >>> train_run("count", given={"steps": 300}, out=out, resume=True).result[2:4]
-      (261, 'weights')
+      (290, 'weights')
       >>> load_run(out, "count").converged
       True
     """
