@@ -1,5 +1,7 @@
 """The hand-derived BPTT reference, and the batch generators."""
 
+import math
+
 import chex
 import hypothesis.strategies as st
 import jax
@@ -71,17 +73,15 @@ def test_l1_batch_values_are_the_normals_of_its_key():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_length", [1, 10, 17, 300])
-def test_l1_targets_are_a_left_fold_in_every_program(max_length):
-    # Summed ((|x_0| + |x_1|) + |x_2|) + ... in float32, in whatever program draws them: eagerly,
-    # jitted, vmapped over seeds; and the network with both weights 1 sums in that order too.
+def test_l1_targets_are_the_sum_rounded_once_in_every_program(max_length):
+    # The exact sum of |x| rounded once to float32, in whatever program draws them: eagerly,
+    # jitted, vmapped over seeds; and the network with both weights 1 computes exactly that.
     keys = jax.random.split(jax.random.key(11), 40)
     swept = jax.jit(jax.vmap(lambda k: l1_batch(k, 8, max_length)))(keys)
     for i in (0, 13, 39):
         batch = l1_batch(keys[i], 8, max_length)
-        folded = np.zeros(8, np.float32)
-        for column in np.abs(np.asarray(batch.xs)).T:
-            folded = folded + column
-        chex.assert_trees_all_equal(np.asarray(batch.targets), folded)
+        exact = [math.fsum(row) for row in np.abs(np.asarray(batch.xs, np.float64))]
+        chex.assert_trees_all_equal(np.asarray(batch.targets), np.asarray(exact, np.float64).astype(np.float32))
         chex.assert_trees_all_equal(jax.tree.map(lambda a: a[i], swept), batch)
         chex.assert_trees_all_equal(jax.jit(l1_batch, static_argnums=(1, 2))(keys[i], 8, max_length),
                                     batch)
