@@ -80,15 +80,16 @@ def test_skip_reason_extrapolates_from_the_last_length(previous, reason):
 
 @pytest.mark.slow
 def test_parallel_training_step_memory_stays_a_small_multiple_of_the_inputs():
-    """Compiled, not run: the blocked scan's training step needs at most 7.5 float32 arrays of
-    the inputs' size (sequential: 3.25). 7.3 of them at T = 1e5, batch 1024 is the 2.99 GB the
-    benchmark reports; a gather's transpose, a zeroed scatter, had made it 8.3 (3.40 GB)."""
+    """Compiled, not run: either method's training step needs at most 8 float32 arrays of the
+    inputs' size. Before compensation the scan needed 7.3 (the 2.99 GB the benchmark reported at
+    T = 1e5, batch 1024; a gather's transpose, a zeroed scatter, had made it 8.3) and the loop
+    3.25; compensated, both keep float64 states beside their float32 tangents: 7.5 each."""
     from baselines import train_step_memory
 
     time, batch = 10_000, 64
     inputs_bytes = 4 * time * batch
-    assert train_step_memory("sequential", time, batch) < 3.5 * inputs_bytes
-    assert train_step_memory("parallel", time, batch) < 7.5 * inputs_bytes
+    assert train_step_memory("sequential", time, batch) < 8 * inputs_bytes
+    assert train_step_memory("parallel", time, batch) < 8 * inputs_bytes
 
 
 def test_measure_alternating_times_in_turn_and_reports_a_failure_apart():

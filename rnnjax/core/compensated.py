@@ -142,7 +142,7 @@ class Arithmetic(NamedTuple):
 
 def _float64_step(h, w, u):
     pre = w * h + u
-    return jnp.where(pre > 0, pre, 0), pre
+    return jnp.where(pre > 0, pre, jnp.where(jnp.isnan(pre), pre, 0)), pre  # a NaN stays NaN
 
 
 FLOAT64 = Arithmetic(
@@ -167,7 +167,7 @@ def _double_word_step(h, w, u):
     s, s_error = two_sum(p, u)
     low = (p_error + s_error) + (w * lo + u_low)
     new_hi, new_lo = two_sum(s, low)
-    fired = new_hi > 0  # hi + lo has hi's sign (|lo| <= ulp(hi) / 2)
+    fired = (new_hi > 0) | jnp.isnan(new_hi)  # hi + lo has hi's sign (|lo| <= ulp(hi) / 2); a NaN stays NaN
     return (jnp.where(fired, new_hi, 0), jnp.where(fired, new_lo, 0)), new_hi
 
 
