@@ -665,6 +665,7 @@ def cpu_seconds(argv: list[str]) -> tuple[float, subprocess.CompletedProcess]:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), result
 
 
+@pytest.mark.slow
 def test_eval_answers_within_a_second_of_importing_jax(l1_run, tmp_path):
     """The issue's target is 2 s on a quiet 2-core CPU, where importing JAX, Flax, optax and
     orbax alone takes 1.6 s (eval took 2.0 to 2.4 s there on 2026-12-07; 5 to 15 s before it

@@ -100,7 +100,7 @@ def assert_l1_within_two_ulps(states, x, lengths):
 
 L1_CASES = [
     pytest.param(np.float32, "sequential", None, id="float32-sequential"),
-    pytest.param(np.float32, "parallel", 32, id="float32-parallel-block32", marks=slow),  # the L1 test runs it fast
+    pytest.param(np.float32, "parallel", 32, id="float32-parallel-block32"),
     pytest.param(np.float32, "parallel", 1, id="float32-parallel-block1", marks=slow),
     pytest.param(np.float32, "parallel", 7, id="float32-parallel-block7", marks=slow),
     pytest.param(np.float32, "parallel", 64, id="float32-parallel-block64", marks=slow),
@@ -200,7 +200,7 @@ def assert_within_compensated_bound(states, w, inputs, lengths, h0, *, method, b
 
 GENERAL_CASES = [
     pytest.param(np.float32, "sequential", None, id="float32-sequential"),
-    pytest.param(np.float32, "parallel", 32, id="float32-parallel-block32"),
+    pytest.param(np.float32, "parallel", 32, id="float32-parallel-block32", marks=slow),  # the L1 test runs it fast
     pytest.param(np.float32, "parallel", 1, id="float32-parallel-block1", marks=slow),
     pytest.param(np.float32, "parallel", 7, id="float32-parallel-block7", marks=slow),
     pytest.param(np.float32, "parallel", 64, id="float32-parallel-block64", marks=slow),

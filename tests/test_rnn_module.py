@@ -73,6 +73,7 @@ def check_both_methods(cell_name, batch_shape, reverse, keep_order, time_major, 
         chex.assert_trees_all_close((carry, outputs), (expected_carry, expected), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("combination", [("diagonal", (2, 3), True, True, True, True)], ids=str)
 def test_parallel_and_sequential_equal_the_float64_loop(combination):
     check_both_methods(*combination)
@@ -136,7 +137,8 @@ def test_vmap_over_a_leading_axis_equals_a_second_batch_axis():
     chex.assert_trees_all_close(mapped, layer.apply(variables, xs, seq_lengths=lengths), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", [pytest.param("sequential", marks=pytest.mark.slow), "parallel"])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sequential", "parallel"])
 def test_float64_matches_the_loop_to_float64_rounding(method):
     with jax.enable_x64(True):
         variables = jax.tree.map(lambda w: w.astype(jnp.float64), relu_variables("diagonal", 3))
