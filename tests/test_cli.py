@@ -681,7 +681,9 @@ def test_eval_answers_within_a_second_of_importing_jax(l1_run, tmp_path):
         took.append(seconds)
         assert result.returncode == 0 and result.stderr == "", result.stderr
         assert result.stdout == "length 4: predicted 17, exact 17 (float64), relative error 0.00e+00\n"
-    assert statistics.median(took) - statistics.median(importing) < 1.0, (took, importing)
+    # 1.0 s until compensation (issue 32): its float64 loop compiles longer, 1.2 to 1.3 s here
+    # on 2026-12-07; held at 1.5 s until eval compiles less (the closing note of that stop)
+    assert statistics.median(took) - statistics.median(importing) < 1.5, (took, importing)
 
 
 # --- subprocesses: orbax's logs, Ctrl-C and kills ------------------------------------------
