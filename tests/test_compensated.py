@@ -98,17 +98,19 @@ def assert_l1_within_two_ulps(states, x, lengths):
             assert bad.size == 0, f"sequence {b}, feature {f}, step {bad[:1]}: {states[b, bad[:1], f]}"
 
 
-L1_CASES = [
-    pytest.param(np.float32, "sequential", None, id="float32-sequential"),
-    pytest.param(np.float32, "parallel", 32, id="float32-parallel-block32"),
-    pytest.param(np.float32, "parallel", 1, id="float32-parallel-block1", marks=slow),
-    pytest.param(np.float32, "parallel", 7, id="float32-parallel-block7", marks=slow),
-    pytest.param(np.float32, "parallel", 64, id="float32-parallel-block64", marks=slow),
-    pytest.param(np.float32, "parallel", 256, id="float32-parallel-block256", marks=slow),
-    pytest.param(np.float64, "sequential", None, id="float64-sequential", marks=slow),
-    pytest.param(np.float64, "parallel", 7, id="float64-parallel-block7", marks=slow),
-    pytest.param(np.float64, "parallel", 256, id="float64-parallel-block256", marks=slow),
-]
+def _cases(*, fast_parallel: bool) -> list:
+    """Both dtypes, the loop and the scan at block sizes 1, 7, 32, 64 and 256: the float32 loop
+    in the fast tier, and the scan at block 32 where ``fast_parallel``; the rest slow."""
+    fast = {("float32", None)} | ({("float32", 32)} if fast_parallel else set())
+    cases = [(np.float32, None), *((np.float32, b) for b in (32, 1, 7, 64, 256)),
+             (np.float64, None), (np.float64, 7), (np.float64, 256)]
+    return [pytest.param(dtype, "sequential" if block is None else "parallel", block,
+                         id=f"{dtype.__name__}-" + ("sequential" if block is None else f"parallel-block{block}"),
+                         marks=() if (dtype.__name__, block) in fast else slow)
+            for dtype, block in cases]
+
+
+L1_CASES = _cases(fast_parallel=True)
 
 
 @pytest.mark.parametrize("dtype, method, block_size", L1_CASES)
@@ -198,17 +200,7 @@ def assert_within_compensated_bound(states, w, inputs, lengths, h0, *, method, b
     assert (error <= bound).all(), f"error {error[worst]:.3g} over the bound {bound[worst]:.3g} at {worst}"
 
 
-GENERAL_CASES = [
-    pytest.param(np.float32, "sequential", None, id="float32-sequential"),
-    pytest.param(np.float32, "parallel", 32, id="float32-parallel-block32", marks=slow),  # the L1 test runs it fast
-    pytest.param(np.float32, "parallel", 1, id="float32-parallel-block1", marks=slow),
-    pytest.param(np.float32, "parallel", 7, id="float32-parallel-block7", marks=slow),
-    pytest.param(np.float32, "parallel", 64, id="float32-parallel-block64", marks=slow),
-    pytest.param(np.float32, "parallel", 256, id="float32-parallel-block256", marks=slow),
-    pytest.param(np.float64, "sequential", None, id="float64-sequential", marks=slow),
-    pytest.param(np.float64, "parallel", 7, id="float64-parallel-block7", marks=slow),
-    pytest.param(np.float64, "parallel", 256, id="float64-parallel-block256", marks=slow),
-]
+GENERAL_CASES = _cases(fast_parallel=False)  # the L1 test runs the scan fast
 
 # Weights of the documented domain, near 1 (where rounding accumulates longest) and not.
 WEIGHTS = st.one_of(st.sampled_from([0.0, 1.0, 1.000001, 0.999999, 1.001, 0.999, -1.0, -0.999999, 3.0]),
